@@ -1,0 +1,35 @@
+"""Options and helpers shared by the command modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from trekeys.lab import Lab
+from trekeys.runbook import credentials_for
+from trekeys.vault import Vault
+
+lab_option = click.option(
+    "--lab",
+    "lab_dir",
+    type=click.Path(path_type=Path),
+    default=Path("lab"),
+    show_default=True,
+    help="Folder of the TRE (the demo TRE by default).",
+)
+share_option = click.option(
+    "--share",
+    "share_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A custodian's share file; repeat up to the threshold. Without it, the "
+    "files named in TREKEYS_SHARE_FILES or the lab's custodian folder are used.",
+)
+
+
+def open_lab_vault(lab_dir: Path, share_files: tuple[Path, ...]) -> tuple[Lab, Vault]:
+    """Load the lab and open its vault with the given shares."""
+    lab = Lab.load(lab_dir)
+    credentials = credentials_for(lab, share_files=[str(p) for p in share_files])
+    return lab, Vault.open(lab.vault_path, credentials)

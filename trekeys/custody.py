@@ -1,0 +1,248 @@
+"""Custody of the vault's master secret: Shamir shares held by named custodians.
+
+The master secret is 32 random bytes (256 bits of strength). It is split with
+SLIP-39 (the shamir-mnemonic package) so that each custodian holds a list of
+words that can be written on paper, and any `threshold` of them rebuild it.
+A new split uses a new master secret, so shares of an old split stop working
+once the vault has been re-keyed.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shamir_mnemonic
+from shamir_mnemonic import MnemonicError
+
+from trekeys.errors import CredentialError, ShareError
+
+logger = logging.getLogger(__name__)
+
+MASTER_SECRET_BYTES = 32
+
+# The roles that the key management policy names as key holders.
+DEFAULT_CUSTODIAN_ROLES = (
+    "TRE System Administrator",
+    "Information Security Manager",
+    "Operations Manager",
+)
+
+_SHARE_HEADER = "# trekeys custody share"
+
+
+@dataclass(frozen=True)
+class Custodian:
+    """A person who holds one share of the vault's master secret."""
+
+    role: str
+    name: str
+
+    @property
+    def slug(self) -> str:
+        """The role as a file-name-safe word, such as ``operations-manager``."""
+        return re.sub(r"[^a-z0-9]+", "-", self.role.lower()).strip("-")
+
+
+@dataclass
+class Split:
+    """The shares of one split of a master secret, keyed by custodian."""
+
+    threshold: int
+    identifier: str
+    shares: dict[Custodian, str] = field(repr=False)
+
+
+def generate_master_secret() -> bytes:
+    """Return a new 256-bit master secret from the operating system's CSPRNG."""
+    return secrets.token_bytes(MASTER_SECRET_BYTES)
+
+
+def split_master_secret(
+    master_secret: bytes, custodians: Sequence[Custodian], threshold: int
+) -> Split:
+    """Split `master_secret` into one SLIP-39 share per custodian.
+
+    Raises:
+        ShareError: the threshold is not between 1 and the number of custodians.
+    """
+    if len(custodians) < 1 or not 1 <= threshold <= len(custodians):
+        raise ShareError(
+            f"a threshold of {threshold} is invalid for {len(custodians)} "
+            "custodians; choose a threshold between 1 and the number of custodians."
+        )
+    if len(set(custodians)) != len(custodians):
+        raise ShareError("each custodian may appear once; remove the duplicate.")
+
+    groups = shamir_mnemonic.generate_mnemonics(
+        group_threshold=1,
+        groups=[(threshold, len(custodians))],
+        master_secret=master_secret,
+        iteration_exponent=0,
+    )
+    mnemonics = groups[0]
+    identifier = _split_identifier(mnemonics[0])
+    logger.info(
+        "split the master secret %s into %d shares, threshold %d",
+        identifier,
+        len(custodians),
+        threshold,
+    )
+    return Split(threshold, identifier, dict(zip(custodians, mnemonics, strict=True)))
+
+
+def combine_shares(mnemonics: Iterable[str]) -> bytes:
+    """Rebuild the master secret from at least `threshold` shares.
+
+    Raises:
+        ShareError: a share has a bad checksum, the shares come from different
+            splits, or there are too few of them.
+        CredentialError: the shares are well formed but do not rebuild a secret.
+    """
+    words = [" ".join(m.split()) for m in mnemonics]
+    if not words:
+        raise ShareError(
+            "no custody shares were given; provide the threshold of shares."
+        )
+
+    identifiers = {_split_identifier(m) for m in words}
+    if len(identifiers) > 1:
+        raise ShareError(
+            "the shares come from different splits of the master secret; "
+            "use shares from the current split only."
+        )
+
+    try:
+        return shamir_mnemonic.combine_mnemonics(words)
+    except MnemonicError as exc:
+        raise _share_error(str(exc)) from exc
+
+
+def _share_error(detail: str) -> CredentialError:
+    lowered = detail.lower()
+    if "checksum" in lowered or "invalid mnemonic word" in lowered:
+        return ShareError(
+            "a custody share has a bad checksum; check each word against the "
+            "custodian's paper copy."
+        )
+    if "insufficient" in lowered or "wrong number" in lowered:
+        return ShareError(
+            "too few custody shares were given; provide the threshold of shares."
+        )
+    if "digest" in lowered:
+        return CredentialError("the custody shares do not rebuild the master secret.")
+    return ShareError(f"the custody shares are invalid ({detail}).")
+
+
+def _split_identifier(mnemonic: str) -> str:
+    try:
+        share = shamir_mnemonic.share.Share.from_mnemonic(mnemonic)
+    except MnemonicError as exc:
+        raise _share_error(str(exc)) from exc
+    return f"{share.identifier:04x}"
+
+
+def write_share_file(path: Path, custodian: Custodian, mnemonic: str) -> None:
+    """Write one custodian's share to a new 0600 file.
+
+    Raises:
+        FileExistsError: the file already exists.
+    """
+    text = (
+        f"{_SHARE_HEADER}\n"
+        f"# custodian: {custodian.role} ({custodian.name})\n"
+        f"# split: {_split_identifier(mnemonic)}\n"
+        f"{mnemonic}\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_share_file(path: Path) -> str:
+    """Return the share words from a share file.
+
+    Raises:
+        ShareError: the file is missing or holds no share.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise ShareError(
+            f"custody share file {path} is missing; ask its custodian for the share."
+        ) from exc
+    words = " ".join(line.strip() for line in lines if not line.startswith("#")).strip()
+    if not words:
+        raise ShareError(f"custody share file {path} holds no share words.")
+    return words
+
+
+def prompt_shares(count: int) -> list[str]:
+    """Ask for `count` shares on the terminal without echoing them."""
+    return [
+        getpass.getpass(f"Custody share {index + 1} of {count} (words, not echoed): ")
+        for index in range(count)
+    ]
+
+
+def master_fingerprint(master_secret: bytes) -> str:
+    """Return a public fingerprint of a master secret, to compare splits without it."""
+    return hashlib.sha256(b"trekeys-vault-master" + master_secret).hexdigest()[:16]
+
+
+def check_each_share(
+    share_files: Sequence[Path], threshold: int, fingerprint: str
+) -> list[dict[str, Any]]:
+    """Check every share on its own: each must rebuild the master secret with others.
+
+    A working threshold can hide one bad share, so each share is combined with
+    the next `threshold - 1` shares in turn and the result compared with the
+    master secret's fingerprint.
+
+    Returns:
+        One row per share file: custodian file, valid, detail.
+    """
+    words: list[str | ShareError] = []
+    for path in share_files:
+        try:
+            words.append(read_share_file(path))
+        except ShareError as exc:
+            words.append(exc)
+
+    rows = []
+    for index, path in enumerate(share_files):
+        row: dict[str, Any] = {
+            "custodian": Path(path).stem,
+            "valid": False,
+            "detail": "",
+        }
+        own = words[index]
+        if isinstance(own, ShareError):
+            row["detail"] = str(own)
+            rows.append(row)
+            continue
+        others = [w for i, w in enumerate(words) if i != index and isinstance(w, str)]
+        group = [own, *others[: threshold - 1]]
+        try:
+            rebuilt = master_fingerprint(combine_shares(group))
+        except CredentialError as exc:
+            row["detail"] = str(exc)
+        else:
+            row["valid"] = rebuilt == fingerprint
+            row["detail"] = (
+                "rebuilds the master secret"
+                if row["valid"]
+                else ("rebuilds a different secret: the share is from another split")
+            )
+        rows.append(row)
+    return rows
