@@ -1,0 +1,1 @@
+"""Speed and memory measurements of trekeys, as ratios against reference tools."""
