@@ -88,25 +88,33 @@ class KdfSettings:
     def tune(
         cls, target_seconds: float = 1.0, memory_kib: int = 256 * 1024
     ) -> KdfSettings:
-        """Return settings whose derivation takes about `target_seconds` here."""
+        """Return settings whose derivation takes about `target_seconds` here.
+
+        The memory stays fixed and the passes are scaled from one measurement,
+        then corrected once, because the first pass also pays for allocation.
+        """
+        passes = 3
+        for _ in range(2):
+            trial = cls(time_cost=passes, memory_kib=memory_kib)
+            seconds = max(trial.measure_seconds(), 1e-3)
+            passes = max(3, round(passes * target_seconds / seconds))
+        return cls(time_cost=passes, memory_kib=memory_kib)
+
+    def measure_seconds(self) -> float:
+        """Return how long one key derivation with these settings takes here."""
         import argon2
 
-        settings = cls(time_cost=1, memory_kib=memory_kib)
         started = time.perf_counter()
         argon2.low_level.hash_secret_raw(
             b"calibration",
             b"0" * 32,
-            time_cost=1,
-            memory_cost=memory_kib,
-            parallelism=settings.parallelism,
+            time_cost=self.time_cost,
+            memory_cost=self.memory_kib,
+            parallelism=self.parallelism,
             hash_len=32,
             type=argon2.low_level.Type.ID,
         )
-        one_pass = max(time.perf_counter() - started, 1e-3)
-        passes = max(3, round(target_seconds / one_pass))
-        return cls(
-            time_cost=passes, memory_kib=memory_kib, parallelism=settings.parallelism
-        )
+        return time.perf_counter() - started
 
     def describe(self) -> str:
         """Return a one-line summary for reports."""
@@ -299,6 +307,8 @@ class Vault:
         except BaseException:
             _release_lock(lock_fd)
             raise
+        if lock_fd is not None:
+            _remove_stale_temporaries(path)
 
         vault = cls(
             path,
@@ -346,8 +356,12 @@ class Vault:
         secret: bytes | str | None = None,
         *,
         attachments: dict[str, bytes] | None = None,
+        title: str | None = None,
     ) -> KeyRecord:
         """Add a new key record with its material and attachments.
+
+        The entry's title is the key id unless `title` names it otherwise; titles
+        need not be unique, because trekeys finds entries by id.
 
         Raises:
             RecordError: a record with the same id exists.
@@ -360,7 +374,10 @@ class Vault:
             )
 
         entry = Entry(
-            title=record.id, username=record.owner, notes=record.purpose, kp=self._kp
+            title=title or record.id,
+            username=record.owner,
+            notes=record.purpose,
+            kp=self._kp,
         )
         self._group_for(record).append(entry)
         entry.set_custom_property(ID_PROPERTY, record.id)
@@ -586,6 +603,93 @@ class Vault:
         self._write_atomically()
         self._dirty = False
 
+    def rekey(
+        self,
+        credentials: VaultCredentials,
+        *,
+        kdf: KdfSettings | None = None,
+        detail: str = "",
+    ) -> None:
+        """Change the vault's composite key and save at once, with a new KDF salt.
+
+        Generations saved under the old key would still open with the old
+        credentials, so they are removed once the re-keyed file has been read
+        back; the re-keyed file becomes the first generation of the new key.
+
+        Raises:
+            CredentialError: the new key file is missing.
+            VaultReadOnlyError: the vault was opened read-only.
+        """
+        self._require_writable()
+        if credentials.keyfile is not None and not credentials.keyfile.is_file():
+            raise CredentialError(
+                f"the new vault key file {credentials.keyfile} is missing; write it "
+                "to the portable device first."
+            )
+
+        old_generations = list_generations(self.path)
+        self._kp.password = credentials.password
+        self._kp.keyfile = str(credentials.keyfile) if credentials.keyfile else None
+        if kdf is not None:
+            _apply_kdf(self._kp, kdf)
+            self._write_meta({**self.meta, "kdf": kdf.describe()})
+        self.record_operation("rekey-vault", "vault", "success", detail)
+        self._flush_audit()
+        # No transformed key: pykeepass then derives a new one under a new salt.
+        self._write_atomically(rotate_salt=True)
+        self._dirty = False
+
+        self._kp.read(
+            str(self.path), password=self._kp.password, keyfile=self._kp.keyfile
+        )
+        self._reindex()
+        for generation in [*old_generations, *list_generations(self.path)]:
+            generation.unlink(missing_ok=True)
+        self._keep_generation()
+        logger.info("re-keyed vault %s (%s)", self.path, self.kdf_description)
+
+    @classmethod
+    def open_generation(
+        cls,
+        path: Path,
+        generation: Path,
+        credentials: VaultCredentials,
+        *,
+        actor: Actor | None = None,
+        lock_timeout: float = 30.0,
+    ) -> Vault:
+        """Open an earlier generation, locked, so that saving it restores it at `path`.
+
+        The live file need not open: this is how a corrupt vault is recovered.
+        The next save keeps the live file as a generation before replacing it.
+
+        Raises:
+            CredentialError: the credentials do not open the generation.
+            VaultCorruptError: the generation itself is corrupt.
+        """
+        path = Path(path)
+        lock_fd = _acquire_lock(path, timeout=lock_timeout)
+        try:
+            keepass = _open_keepass(Path(generation), credentials)
+        except BaseException:
+            _release_lock(lock_fd)
+            raise
+        keepass.filename = str(path)
+        vault = cls(
+            path,
+            keepass,
+            actor=actor or Actor.from_environment(),
+            lock_fd=lock_fd,
+            read_only=False,
+        )
+        vault._dirty = True
+        return vault
+
+    @property
+    def cipher_description(self) -> str:
+        """The payload cipher of the open vault file, such as ``aes256``."""
+        return str(self._kp.encryption_algorithm)
+
     @property
     def kdf_description(self) -> str:
         """The key derivation settings of the open vault file."""
@@ -698,10 +802,11 @@ class Vault:
         self._pending_audit = pending
         self.save()
 
-    def _write_atomically(self) -> None:
+    def _write_atomically(self, *, rotate_salt: bool = False) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        transformed_key = None if rotate_salt else self._kp.transformed_key
         try:
-            self._kp.save(str(tmp), transformed_key=self._kp.transformed_key)
+            self._kp.save(str(tmp), transformed_key=transformed_key)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             if self.path.exists():
@@ -740,6 +845,14 @@ def _entry_marker(element: Any) -> tuple[str | None, str | None]:
         if key in (ID_PROPERTY, META_PROPERTY):
             return key, child.findtext("Value")
     return None, None
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # A save killed before its rename leaves its temporary file behind. The
+    # caller holds the write lock, so no other save is using one now.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        logger.warning("removing %s, left by an interrupted save", stale)
+        stale.unlink(missing_ok=True)
 
 
 def _apply_kdf(keepass: PyKeePass, kdf: KdfSettings) -> None:
