@@ -807,6 +807,7 @@ class Vault:
         transformed_key = None if rotate_salt else self._kp.transformed_key
         try:
             self._kp.save(str(tmp), transformed_key=transformed_key)
+            os.chmod(tmp, 0o600)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             if self.path.exists():
