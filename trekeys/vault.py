@@ -57,6 +57,7 @@ ID_PROPERTY = "trekeys.id"
 ENCODING_PROPERTY = "trekeys.secret-encoding"
 META_PROPERTY = "trekeys.meta"
 SCHEMA_VERSION = 1
+_INDEXED_PROPERTIES = frozenset({ID_PROPERTY, RECORD_PROPERTY, META_PROPERTY})
 DEFAULT_GENERATIONS = 10
 
 
@@ -215,6 +216,7 @@ class Vault:
         self._lock_fd = lock_fd
         self._entries: dict[str, Entry] = {}
         self._records: dict[str, KeyRecord] = {}
+        self._raw_records: dict[str, str] = {}
         self._groups: dict[tuple[str, ...], Group] = {}
         self._pending_audit: list[tuple[str, str, str, str]] = []
         self._dirty = False
@@ -403,7 +405,9 @@ class Vault:
         if key_id not in self._entries:
             raise RecordNotFoundError(key_id)
         if key_id not in self._records:
-            raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
+            raw = self._raw_records.pop(key_id, None)
+            if raw is None:
+                raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
             self._records[key_id] = KeyRecord.from_dict(json.loads(raw or "{}"))
         return self._records[key_id]
 
@@ -706,20 +710,23 @@ class Vault:
     # Internals
 
     def _build_index(self) -> None:
+        # One pass over the entries of every group (history copies sit under
+        # Entry/History, so they are skipped), keeping each record's JSON text
+        # so that `get` parses it only when asked, without an XPath query.
         root = self._kp.tree.getroot()
-        for element in root.iter("Entry"):
-            parent = element.getparent()
-            if parent is None or parent.tag == "History":
-                continue
-            key, value = _entry_marker(element)
-            if key == ID_PROPERTY and value:
-                self._entries[value] = Entry(element=element, kp=self._kp)
-            elif key == META_PROPERTY:
+        for element in root.iterfind(".//Group/Entry"):
+            strings = _entry_strings(element)
+            key_id = strings.get(ID_PROPERTY)
+            if key_id:
+                self._entries[key_id] = Entry(element=element, kp=self._kp)
+                self._raw_records[key_id] = strings.get(RECORD_PROPERTY) or "{}"
+            elif META_PROPERTY in strings:
                 self._meta_entry = Entry(element=element, kp=self._kp)
 
     def _reindex(self) -> None:
         self._entries.clear()
         self._records.clear()
+        self._raw_records.clear()
         self._groups.clear()
         self._meta_entry = None
         self._build_index()
@@ -840,12 +847,17 @@ def audit_log_path(vault_path: Path) -> Path:
     return vault_path.with_name(f"{vault_path.stem}-audit.jsonl")
 
 
-def _entry_marker(element: Any) -> tuple[str | None, str | None]:
+def _entry_strings(element: Any) -> dict[str, str]:
+    # Reads the trekeys String fields of an entry element. Each String holds a
+    # Key and a Value child, in that order, in every KDBX file.
+    found = {}
     for child in element.iterchildren("String"):
-        key = child.findtext("Key")
-        if key in (ID_PROPERTY, META_PROPERTY):
-            return key, child.findtext("Value")
-    return None, None
+        if len(child) < 2:
+            continue
+        key = child[0].text
+        if key in _INDEXED_PROPERTIES:
+            found[key] = child[1].text or ""
+    return found
 
 
 def _remove_stale_temporaries(path: Path) -> None:
