@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pykeepass import PyKeePass, create_database
+from pykeepass import PyKeePass
 from pykeepass.entry import Entry
 from pykeepass.exceptions import (
     CredentialsError,
@@ -37,6 +37,7 @@ from pykeepass.exceptions import (
 )
 from pykeepass.group import Group
 from pykeepass.kdbx_parsing.kdbx4 import kdf_uuids
+from pykeepass.pykeepass import BLANK_DATABASE_LOCATION, BLANK_DATABASE_PASSWORD
 
 from trekeys.audit import Actor, AuditLog, make_entry
 from trekeys.errors import (
@@ -250,9 +251,12 @@ class Vault:
 
         keyfile = str(credentials.keyfile) if credentials.keyfile else None
         tmp = path.with_name(f".{path.name}.creating")
-        keepass = create_database(
-            str(tmp), password=credentials.password, keyfile=keyfile
-        )
+        # Start from pykeepass's blank template rather than `create_database`,
+        # which would first save the file under its own default KDF.
+        keepass = PyKeePass(BLANK_DATABASE_LOCATION, BLANK_DATABASE_PASSWORD)
+        keepass.filename = str(tmp)
+        keepass.password = credentials.password
+        keepass.keyfile = keyfile
         _apply_kdf(keepass, kdf)
         keepass.root_group.name = "TRE keys"
         vault = cls(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trekeys.custody import combine_shares
 from trekeys.lab import Lab
 from trekeys.runbook import credentials_for
 from trekeys.vault import Vault, VaultCredentials
@@ -38,5 +39,12 @@ def open_lab_vault(lab_dir: Path, share_files: tuple[Path, ...]) -> tuple[Lab, V
 def lab_credentials(lab: Lab, share_files: tuple[Path, ...]) -> VaultCredentials:
     """Rebuild the vault credentials from share files, or a prompt for '-'."""
     if [str(p) for p in share_files] == ["-"]:
-        return credentials_for(lab, interactive=True)
+        words = [
+            click.prompt(
+                f"Custody share {number} of {lab.threshold} (not echoed)",
+                hide_input=True,
+            )
+            for number in range(1, lab.threshold + 1)
+        ]
+        return VaultCredentials(combine_shares(words), lab.keyfile_path)
     return credentials_for(lab, share_files=[str(p) for p in share_files])
