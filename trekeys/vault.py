@@ -701,7 +701,10 @@ class Vault:
     @property
     def kdf_description(self) -> str:
         """The key derivation settings of the open vault file."""
-        params = self._kp.kdbx.header.value.dynamic_header.kdf_parameters.data.dict
+        header = self._kp.kdbx.header.value.dynamic_header
+        if self._kp.version < (4, 0):
+            return f"AES-KDF, {header.transform_rounds.data} rounds (KDBX 3.1)"
+        params = header.kdf_parameters.data.dict
         uuid = params["$UUID"].value
         if uuid == kdf_uuids["aeskdf"]:
             return f"AES-KDF, {params['R'].value} rounds"
