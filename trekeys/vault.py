@@ -729,6 +729,22 @@ class Vault:
                 self._raw_records[key_id] = strings.get(RECORD_PROPERTY) or "{}"
             elif META_PROPERTY in strings:
                 self._meta_entry = Entry(element=element, kp=self._kp)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        # Maps each group path to its group once per open, so that adding a key
+        # to an existing group never lists a parent's subgroups. Of two sibling
+        # groups with the same name the first one wins, as in `_group`.
+        pending: list[tuple[tuple[str, ...], Any]] = [
+            ((), self._kp.root_group._element)
+        ]
+        while pending:
+            path, element = pending.pop()
+            for child in element.iterchildren("Group"):
+                child_path = (*path, child.findtext("Name") or "")
+                if child_path not in self._groups:
+                    self._groups[child_path] = Group(element=child, kp=self._kp)
+                    pending.append((child_path, child))
 
     def _reindex(self) -> None:
         self._entries.clear()
