@@ -186,7 +186,13 @@ def list_runs(out_root: Path) -> list[dict[str, Any]]:
             data = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             data = {"passed": False, "drills": [], "errors": ["no readable summary"]}
-        runs.append({**data, "folder": folder.name})
+        defaults: dict[str, Any] = {
+            "evidence": {},
+            "secret_scan": {},
+            "errors": [],
+            "drills": [],
+        }
+        runs.append({**defaults, **data, "folder": folder.name})
     return runs
 
 
