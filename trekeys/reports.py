@@ -16,6 +16,7 @@ an auditor can read and check:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -126,11 +127,18 @@ def _write_notebook(notebook: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def render_html(path: Path) -> Path:
-    """Render an executed notebook to HTML beside it."""
+@functools.cache
+def _html_exporter() -> Any:
+    # The first conversion loads the templates, which costs about as much as
+    # several later ones, so one exporter serves every report of the process.
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_filename(str(path))
+    return HTMLExporter()
+
+
+def render_html(path: Path) -> Path:
+    """Render an executed notebook to HTML beside it."""
+    body, _ = _html_exporter().from_filename(str(path))
     target = path.with_suffix(".html")
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(body, encoding="utf-8")
