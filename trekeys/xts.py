@@ -163,7 +163,7 @@ class XtsDecryptor:
         masked = self._masked[:rows]
         np.bitwise_xor(source.reshape(tweaks.shape), tweaks, out=masked)
         size = rows * _GROUP * BLOCK
-        self._data.update_into(memoryview(masked).cast("B"), self._plain)
+        self._data.update_into(masked.data.cast("B"), self._plain)
 
         plain = np.frombuffer(self._plain, dtype="<u8", count=size // 8)
         result = target[: size // 8].reshape(tweaks.shape)

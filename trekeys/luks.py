@@ -1,0 +1,488 @@
+"""Storage volumes: LUKS2 provisioning, volume-key escrow and header backups.
+
+Each project instance has one LUKS2 volume with two keyslots: the boot key,
+a key file that the instance's virtual machine unlocks the volume with at
+boot, and the recovery passphrase that the key manager holds (policy 4.1.1).
+The vault holds both, the volume key itself, the LUKS UUID and segment
+metadata, a verified header backup and, for demo volumes, a manifest of the
+files on the volume. Recovery lives in `trekeys.luks_recovery` and key
+rotation in `trekeys.luks_lifecycle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from trekeys.cryptsetup import KdfSettings
+from trekeys.errors import (
+    CredentialError,
+    DestinationExistsError,
+    HeaderBackupError,
+    RecordError,
+    VolumeError,
+)
+from trekeys.lab import Lab
+from trekeys.luks2meta import LuksHeader, read_header
+from trekeys.luks_device import (
+    DEFAULT_KEYSLOTS_BYTES,
+    DEFAULT_SECTOR_SIZE,
+    add_keyslot,
+    backup_header,
+    build_ext4_image,
+    dump_volume_key,
+    encrypt_in_place,
+    format_volume,
+    reduce_size,
+)
+from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
+from trekeys.vault import Vault
+
+logger = logging.getLogger(__name__)
+
+HEADER_ATTACHMENT = "luks-header.img"
+MANIFEST_ATTACHMENT = "manifest.json"
+VOLUME_CRYPTOPERIOD_DAYS = 730
+PASSPHRASE_CRYPTOPERIOD_DAYS = 365
+
+
+@dataclass(frozen=True)
+class VolumeKeys:
+    """The key ids of one instance's volume."""
+
+    volume: str
+    passphrase: str
+    boot_key: str
+
+
+def key_ids(instance: str) -> VolumeKeys:
+    """Return the key ids that a newly provisioned volume of `instance` gets."""
+    return VolumeKeys(
+        f"{instance}/luks-volume",
+        f"{instance}/luks-passphrase",
+        f"{instance}/luks-boot-key",
+    )
+
+
+def current_key(vault: Vault, instance: str, kind: KeyKind) -> KeyRecord:
+    """Return the active key of `kind` for `instance`'s volume.
+
+    Raises:
+        RecordError: the instance has no active key of that kind.
+    """
+    found = vault.find(kind=kind.value, owner=f"instance:{instance}", state="active")
+    if len(found) != 1:
+        raise RecordError(
+            f"instance {instance} has {len(found)} active {kind.value} keys, not one; "
+            "run 'trekeys inventory --owner instance:" + instance + "' to inspect them."
+        )
+    return found[0]
+
+
+def volume_path(lab: Lab, record: KeyRecord) -> Path:
+    """Return the device or image of a volume key record (relative to the lab)."""
+    device = Path(record.attributes["device"])
+    return device if device.is_absolute() else lab.root / device
+
+
+def _relative(lab: Lab, path: Path) -> str:
+    path = path.resolve()
+    return (
+        str(path.relative_to(lab.root)) if path.is_relative_to(lab.root) else str(path)
+    )
+
+
+def new_passphrase() -> str:
+    """Return a recovery passphrase of 200 random bits in groups of five letters."""
+    alphabet = "abcdefghijkmnpqrstuvwxyz23456789"
+    letters = "".join(secrets.choice(alphabet) for _ in range(40))
+    return "-".join(letters[i : i + 5] for i in range(0, 40, 5))
+
+
+def key_fingerprint(volume_key: bytes) -> str:
+    """Return a public check value of a volume key (not the key)."""
+    return hashlib.sha256(b"trekeys-luks-volume-key" + volume_key).hexdigest()[:16]
+
+
+def provision_volume(
+    lab: Lab,
+    vault: Vault,
+    instance: str,
+    device: Path,
+    *,
+    kdf: KdfSettings | None = None,
+    source_dir: Path | None = None,
+    fs_bytes: int = 16 * 1024 * 1024,
+    sector_size: int = DEFAULT_SECTOR_SIZE,
+    keyslots_bytes: int = DEFAULT_KEYSLOTS_BYTES,
+    boot_key_file: Path | None = None,
+) -> VolumeKeys:
+    """Create an instance's LUKS2 volume and escrow its keys and header backup.
+
+    With `source_dir`, `device` is a new image file holding an ext4 file
+    system of those files, encrypted in place, and a manifest of the files is
+    stored. Without it, `device` is formatted empty; it must not already hold
+    a LUKS header.
+
+    Raises:
+        DestinationExistsError: the image, or the boot key file, exists.
+        VolumeError: `device` already holds a LUKS volume.
+        RecordError: the instance already has volume keys in the vault.
+    """
+    kdf = kdf or KdfSettings.production()
+    ids = key_ids(instance)
+    for key_id in (ids.volume, ids.passphrase, ids.boot_key):
+        if key_id in vault:
+            raise RecordError(
+                f"key {key_id} already exists; rotate the instance's keys instead of "
+                "provisioning its volume again."
+            )
+    boot_key_file = boot_key_file or lab.instance_dir(instance) / "boot.key"
+    if boot_key_file.exists():
+        raise DestinationExistsError(boot_key_file)
+    if source_dir is not None and device.exists():
+        raise DestinationExistsError(device)
+
+    boot_key = secrets.token_bytes(64)
+    passphrase = new_passphrase()
+    manifest: list[dict[str, object]] | None = None
+    if source_dir is not None:
+        manifest = build_manifest(source_dir)
+        build_ext4_image(source_dir, device, fs_bytes, reduce_size(keyslots_bytes))
+        header = encrypt_in_place(
+            device,
+            boot_key,
+            kdf=kdf,
+            sector_size=sector_size,
+            keyslots_bytes=keyslots_bytes,
+        )
+    else:
+        _check_not_luks(device)
+        header = format_volume(
+            device,
+            boot_key,
+            kdf=kdf,
+            sector_size=sector_size,
+            keyslots_bytes=keyslots_bytes,
+        )
+    boot_slot = int(next(iter(header.keyslots)))
+    passphrase_slot = add_keyslot(device, boot_key, passphrase.encode(), kdf=kdf)
+    volume_key = dump_volume_key(device, passphrase.encode())
+    _write_boot_key(boot_key_file, boot_key)
+
+    header = read_header(device)
+    _add_records(
+        lab,
+        vault,
+        instance,
+        device,
+        header,
+        volume_key,
+        passphrase,
+        boot_key,
+        boot_slot=boot_slot,
+        passphrase_slot=passphrase_slot,
+        boot_key_file=boot_key_file,
+        kdf=kdf,
+    )
+    if manifest is not None:
+        store_manifest(vault, ids.volume, manifest)
+    refresh_header_backup(lab, vault, ids.volume)
+    logger.info("provisioned LUKS2 volume %s for instance %s", header.uuid, instance)
+    return ids
+
+
+def _check_not_luks(device: Path) -> None:
+    with device.open("rb") as handle:
+        if handle.read(6) == b"LUKS\xba\xbe":
+            raise VolumeError(
+                f"{device} already holds a LUKS volume; destroy it with 'trekeys "
+                "volume destroy' or choose another device."
+            )
+
+
+def _write_boot_key(path: Path, boot_key: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(boot_key)
+    os.replace(tmp, path)
+
+
+def _add_records(
+    lab: Lab,
+    vault: Vault,
+    instance: str,
+    device: Path,
+    header: LuksHeader,
+    volume_key: bytes,
+    passphrase: str,
+    boot_key: bytes,
+    *,
+    boot_slot: int,
+    passphrase_slot: int,
+    boot_key_file: Path,
+    kdf: KdfSettings,
+) -> None:
+    ids = key_ids(instance)
+    segment = header.data_segment()
+    owner = f"instance:{instance}"
+    vault.add(
+        KeyRecord(
+            id=ids.volume,
+            kind=KeyKind.LUKS_VOLUME,
+            purpose=f"Volume key of the LUKS2 storage volume of instance {instance}.",
+            owner=owner,
+            state=KeyState.ACTIVE,
+            cryptoperiod_days=VOLUME_CRYPTOPERIOD_DAYS,
+            fingerprint=key_fingerprint(volume_key),
+            algorithm=segment.cipher,
+            strength_bits=len(volume_key) * 4,
+            protects=[f"volume:{instance}"],
+            locations=["vault", "LUKS2 keyslots of the volume"],
+            attributes={
+                "uuid": header.uuid,
+                "cipher": segment.cipher,
+                "sector_size": str(segment.sector_size),
+                "data_offset": str(segment.offset),
+                "iv_tweak": str(segment.iv_tweak),
+                "key_size": str(len(volume_key) * 8),
+                "device": _relative(lab, device),
+                "keyslot_kdf": kdf.describe(),
+            },
+        ),
+        volume_key,
+    )
+    for key_id, kind, secret, slot, purpose in (
+        (
+            ids.passphrase,
+            KeyKind.LUKS_PASSPHRASE,
+            passphrase,
+            passphrase_slot,
+            "Recovery passphrase held by the key manager",
+        ),
+        (
+            ids.boot_key,
+            KeyKind.LUKS_BOOT_KEY,
+            boot_key,
+            boot_slot,
+            "Key file the virtual machine unlocks the volume with at boot",
+        ),
+    ):
+        record = KeyRecord(
+            id=key_id,
+            kind=kind,
+            purpose=f"{purpose} (instance {instance}).",
+            owner=owner,
+            state=KeyState.ACTIVE,
+            cryptoperiod_days=PASSPHRASE_CRYPTOPERIOD_DAYS,
+            algorithm=f"LUKS2 keyslot, {kdf.describe()}",
+            strength_bits=200 if kind is KeyKind.LUKS_PASSPHRASE else 256,
+            protects=[f"key:{ids.volume}"],
+            locations=["vault"],
+            attributes={"uuid": header.uuid, "keyslot": str(slot)},
+        )
+        if kind is KeyKind.LUKS_BOOT_KEY:
+            record.attributes["boot_key_file"] = _relative(lab, boot_key_file)
+            record.locations.append(
+                f"instance boot key file {record.attributes['boot_key_file']}"
+            )
+        vault.add(record, secret)
+
+
+# Header backups
+
+
+def refresh_header_backup(lab: Lab, vault: Vault, volume_id: str) -> Path:
+    """Back up the live header, verify it, and store it in the vault and on media.
+
+    The backup is written to a temporary file, checked against the live header
+    (UUID, keyslots, digests and segments), then attached to the volume key
+    record and copied to the backup media folder. The record's earlier backup
+    file on the media is kept.
+
+    Returns:
+        The path of the copy on the backup media.
+    """
+    record = vault.get(volume_id)
+    device = volume_path(lab, record)
+    live = read_header(device)
+
+    with tempfile.TemporaryDirectory(prefix="trekeys-header-") as folder:
+        backup = Path(folder) / HEADER_ATTACHMENT
+        backup_header(device, backup)
+        data = backup.read_bytes()
+        verify_header_backup(backup, live.uuid, expected_fingerprint=live.fingerprint())
+
+    stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+    instance = record.owner.removeprefix("instance:")
+    media = lab.backup_media / "luks-headers" / instance / f"{live.uuid}-{stamp}.img"
+    if media.exists():
+        raise DestinationExistsError(media)
+    media.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = media.with_name(f".{media.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o600)
+    os.replace(tmp, media)
+
+    vault.add_attachment(volume_id, HEADER_ATTACHMENT, data)
+    record.attributes.update(
+        {
+            "header_backup_sha256": hashlib.sha256(data).hexdigest(),
+            "header_backup_file": _relative(lab, media),
+            "header_backup_created": utcnow().isoformat(),
+            "header_fingerprint": live.fingerprint(),
+            "header_backup_stale": "false",
+        }
+    )
+    record.locations = [
+        loc for loc in record.locations if not loc.startswith("header backup")
+    ] + [f"header backup {_relative(lab, media)}"]
+    vault.update(record, operation="header-backup", detail=f"LUKS {live.uuid}")
+    logger.info("backed up the LUKS header of %s (%s)", volume_id, live.uuid)
+    return media
+
+
+def verify_header_backup(
+    backup: Path,
+    uuid: str,
+    *,
+    expected_sha256: str | None = None,
+    expected_fingerprint: str | None = None,
+) -> LuksHeader:
+    """Check a header backup before it is used: intact, and of the right volume.
+
+    Raises:
+        HeaderBackupError: it is truncated, corrupt, of another volume, or its
+            hash or keyslots differ from what the vault recorded.
+        NotLuksError: it is not a LUKS header at all.
+    """
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(backup.read_bytes()).hexdigest()
+        if actual != expected_sha256:
+            raise HeaderBackupError(
+                f"header backup {backup} has SHA-256 {actual[:16]}..., not the "
+                f"{expected_sha256[:16]}... recorded in the vault; use another copy."
+            )
+    header = read_header(backup)
+    if header.uuid != uuid:
+        raise HeaderBackupError(
+            f"header backup {backup} belongs to LUKS volume {header.uuid}, not "
+            f"{uuid}; find the backup of the right volume."
+        )
+    size = backup.stat().st_size
+    if size < header.metadata_end:
+        raise HeaderBackupError(
+            f"header backup {backup} is truncated ({size} of {header.metadata_end} "
+            "bytes); use another copy."
+        )
+    if (
+        expected_fingerprint is not None
+        and header.fingerprint() != expected_fingerprint
+    ):
+        raise HeaderBackupError(
+            f"header backup {backup} has other keyslots than the live header of "
+            f"{uuid}; make a new backup with 'trekeys volume backup-header'."
+        )
+    return header
+
+
+def check_header_backup_current(lab: Lab, vault: Vault, volume_id: str) -> bool:
+    """Compare the stored header backup with the live header; flag it when stale.
+
+    Sets the record's ``header_backup_stale`` attribute, which the inventory
+    shows, and returns whether the backup is current.
+    """
+    record = vault.get(volume_id)
+    live = read_header(volume_path(lab, record))
+    current = record.attributes.get("header_fingerprint") == live.fingerprint()
+    flag = "false" if current else "true"
+    if record.attributes.get("header_backup_stale") != flag:
+        record.attributes["header_backup_stale"] = flag
+        vault.update(record, operation="header-check", detail=f"stale={flag}")
+    if not current:
+        logger.warning("the header backup of %s is stale", volume_id)
+    return current
+
+
+def export_header_backup(vault: Vault, volume_id: str, target: Path) -> LuksHeader:
+    """Write the vault's header backup of `volume_id` to the new file `target`.
+
+    The copy is verified against the UUID and SHA-256 recorded in the vault.
+    """
+    record = vault.get(volume_id)
+    if target.exists():
+        raise DestinationExistsError(target)
+    data = vault.read_attachment(volume_id, HEADER_ATTACHMENT)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return verify_header_backup(
+        target,
+        record.attributes["uuid"],
+        expected_sha256=record.attributes.get("header_backup_sha256"),
+    )
+
+
+def read_escrowed_volume_key(vault: Vault, volume_id: str, reason: str) -> bytes:
+    """Return the escrowed volume key after checking it against the header backup.
+
+    Raises:
+        CredentialError: the key does not match the volume's digest.
+    """
+    record = vault.get(volume_id)
+    volume_key = vault.read_secret(volume_id, reason)
+    with tempfile.TemporaryDirectory(prefix="trekeys-header-") as folder:
+        header = export_header_backup(vault, volume_id, Path(folder) / "header.img")
+    if not header.check_volume_key(volume_key):
+        raise CredentialError(
+            f"the escrowed volume key {volume_id} does not match the digest of LUKS "
+            f"volume {record.attributes['uuid']}; the escrow is wrong, recover with "
+            "the recovery passphrase instead."
+        )
+    return volume_key
+
+
+# Manifests of the files on a volume
+
+
+def build_manifest(folder: Path) -> list[dict[str, object]]:
+    """Return path, size and SHA-256 of every file under `folder`, sorted by path."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        entries.append(
+            {
+                "path": path.relative_to(folder).as_posix(),
+                "size": path.stat().st_size,
+                "sha256": digest.hexdigest(),
+            }
+        )
+    return entries
+
+
+def store_manifest(
+    vault: Vault, volume_id: str, manifest: list[dict[str, object]]
+) -> None:
+    """Attach a file manifest to a volume key record."""
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    vault.add_attachment(volume_id, MANIFEST_ATTACHMENT, data)
+    record = vault.get(volume_id)
+    record.attributes["manifest_sha256"] = hashlib.sha256(data).hexdigest()
+    record.attributes["manifest_files"] = str(len(manifest))
+    vault.update(record, operation="store-manifest", detail=f"{len(manifest)} files")
+
+
+def read_manifest(vault: Vault, volume_id: str) -> list[dict[str, object]]:
+    """Return the file manifest stored with a volume key record."""
+    return list(json.loads(vault.read_attachment(volume_id, MANIFEST_ATTACHMENT)))
