@@ -157,7 +157,8 @@ def _tool_error(
     stderr = result.stderr.decode("utf-8", "replace")
     tail = "\n".join(stderr.strip().splitlines()[-3:])
     target = device or "the device"
-    if name == "cryptsetup" and result.returncode == 2 and "No key" in stderr:
+    unlocked_nothing = "No key available" in stderr or "No usable keyslot" in stderr
+    if name == "cryptsetup" and unlocked_nothing:
         return CredentialError(
             f"the key does not unlock any keyslot of LUKS volume {target}; check "
             "that the escrowed key belongs to this volume."

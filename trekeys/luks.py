@@ -174,7 +174,7 @@ def provision_volume(
     boot_slot = int(next(iter(header.keyslots)))
     passphrase_slot = add_keyslot(device, boot_key, passphrase.encode(), kdf=kdf)
     volume_key = dump_volume_key(device, passphrase.encode())
-    _write_boot_key(boot_key_file, boot_key)
+    write_boot_key(boot_key_file, boot_key)
 
     header = read_header(device)
     _add_records(
@@ -207,7 +207,14 @@ def _check_not_luks(device: Path) -> None:
             )
 
 
-def _write_boot_key(path: Path, boot_key: bytes) -> None:
+def write_boot_key(path: Path, boot_key: bytes, *, replace: bool = False) -> None:
+    """Write the boot key file that the instance's VM reads, mode 0600, atomically.
+
+    Raises:
+        DestinationExistsError: the file exists and `replace` is False.
+    """
+    if path.exists() and not replace:
+        raise DestinationExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -323,7 +330,8 @@ def refresh_header_backup(lab: Lab, vault: Vault, volume_id: str) -> Path:
 
     stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
     instance = record.owner.removeprefix("instance:")
-    media = lab.backup_media / "luks-headers" / instance / f"{live.uuid}-{stamp}.img"
+    folder = lab.backup_media / "luks-headers" / instance
+    media = folder / f"{live.uuid}-{stamp}-seq{live.seqid}.img"
     if media.exists():
         raise DestinationExistsError(media)
     media.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -486,3 +494,31 @@ def store_manifest(
 def read_manifest(vault: Vault, volume_id: str) -> list[dict[str, object]]:
     """Return the file manifest stored with a volume key record."""
     return list(json.loads(vault.read_attachment(volume_id, MANIFEST_ATTACHMENT)))
+
+
+# Entry points that other capabilities call through this module.
+
+
+def rotate_key(
+    lab: Lab, vault: Vault, key_id: str, *, reason: str, compromised: bool
+) -> list[str]:
+    """Replace a LUKS key by its lifecycle step; see `trekeys.luks_lifecycle`."""
+    from trekeys.luks_lifecycle import rotate_key as rotate
+
+    return rotate(lab, vault, key_id, reason=reason, compromised=compromised)
+
+
+def destroy_volume(
+    lab: Lab, vault: Vault, instance: str, *, confirm_uuid: str, reason: str
+) -> list[str]:
+    """Erase an instance's volume; see `trekeys.luks_lifecycle.destroy_volume`."""
+    from trekeys.luks_lifecycle import destroy_volume as destroy
+
+    return destroy(lab, vault, instance, confirm_uuid=confirm_uuid, reason=reason)
+
+
+def build_lab(lab: Lab, vault: Vault) -> None:
+    """Build the demo TRE's volumes; see `trekeys.luks_lab.build_lab`."""
+    from trekeys.luks_lab import build_lab as build
+
+    build(lab, vault)

@@ -147,6 +147,8 @@ def add_keyslot_from_volume_key(
             [
                 "luksAddKey",
                 "--batch-mode",
+                "--key-size",
+                str(len(volume_key) * 8),
                 *kdf.arguments(),
                 f"--volume-key-file={volume_key_file}",
                 "--new-keyfile=-",
