@@ -322,16 +322,20 @@ def refresh_header_backup(lab: Lab, vault: Vault, volume_id: str) -> Path:
     device = volume_path(lab, record)
     live = read_header(device)
 
-    with tempfile.TemporaryDirectory(prefix="trekeys-header-") as folder:
-        backup = Path(folder) / HEADER_ATTACHMENT
+    with tempfile.TemporaryDirectory(prefix="trekeys-header-") as scratch:
+        backup = Path(scratch) / HEADER_ATTACHMENT
         backup_header(device, backup)
         data = backup.read_bytes()
         verify_header_backup(backup, live.uuid, expected_fingerprint=live.fingerprint())
 
     stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
     instance = record.owner.removeprefix("instance:")
-    folder = lab.backup_media / "luks-headers" / instance
-    media = folder / f"{live.uuid}-{stamp}-seq{live.seqid}.img"
+    media = (
+        lab.backup_media
+        / "luks-headers"
+        / instance
+        / f"{live.uuid}-{stamp}-seq{live.seqid}.img"
+    )
     if media.exists():
         raise DestinationExistsError(media)
     media.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
