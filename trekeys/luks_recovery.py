@@ -19,13 +19,15 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trekeys.cryptsetup import KdfSettings
+from trekeys.cryptsetup import KdfSettings, run_tool, secret_file
 from trekeys.errors import (
     CredentialError,
+    DestinationExistsError,
     IntegrityError,
     ManifestMismatchError,
     NotLuksError,
@@ -372,3 +374,63 @@ def run_recovery_drill(
         )
     finally:
         drill.cleanup()
+
+
+def recover_files(
+    lab: Lab,
+    vault: Vault,
+    instance: str,
+    target: Path,
+    *,
+    use_device_mapper: bool = False,
+) -> int:
+    """Recover the files of `instance`'s volume into the new folder `target`.
+
+    Works on a copy of the volume in user space, or, with `use_device_mapper`
+    on a host that has it, maps the live volume read-only and mounts it.
+
+    Returns:
+        The number of files recovered.
+    """
+    if target.exists():
+        raise DestinationExistsError(target)
+    if use_device_mapper:
+        return _recover_with_device_mapper(lab, vault, instance, target)
+
+    drill = RecoveryDrill.start(lab, vault, instance)
+    try:
+        copy = drill.copy_volume()
+        drill.use_escrowed_volume_key()
+        folder = drill.decrypt_and_extract(copy)
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("lost+found"))
+        return sum(1 for p in target.rglob("*") if p.is_file())
+    finally:
+        drill.cleanup()
+
+
+def _recover_with_device_mapper(
+    lab: Lab, vault: Vault, instance: str, target: Path
+) -> int:
+    volume = current_key(vault, instance, KeyKind.LUKS_VOLUME)
+    device = volume_path(lab, volume)
+    volume_key = read_escrowed_volume_key(vault, volume.id, "recovery with dm-crypt")
+    name = f"trekeys-recover-{instance}-{secrets.token_hex(3)}"
+    mountpoint = Path(tempfile.mkdtemp(prefix="trekeys-mount-"))
+    with secret_file(volume_key) as key_file:
+        run_tool(
+            "cryptsetup",
+            ["open", "--readonly", f"--volume-key-file={key_file}", str(device), name],
+            device=device,
+        )
+    try:
+        run_tool("mount", ["-o", "ro", f"/dev/mapper/{name}", str(mountpoint)])
+        try:
+            shutil.copytree(
+                mountpoint, target, ignore=shutil.ignore_patterns("lost+found")
+            )
+        finally:
+            run_tool("umount", [str(mountpoint)])
+    finally:
+        run_tool("cryptsetup", ["close", name], device=device)
+        mountpoint.rmdir()
+    return sum(1 for p in target.rglob("*") if p.is_file())
