@@ -181,7 +181,7 @@ def kill_keyslot(device: Path, slot: int, remaining_key: bytes) -> None:
     )
 
 
-def test_key(device: Path, key: bytes, *, slot: int | None = None) -> None:
+def verify_key(device: Path, key: bytes, *, slot: int | None = None) -> None:
     """Check that `key` opens `device` (``open --test-passphrase``).
 
     Raises:

@@ -44,7 +44,7 @@ from trekeys.luks_device import (
     extract_ext4,
     kill_keyslot,
     reencrypt,
-    test_key,
+    verify_key,
 )
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.vault import Vault
@@ -113,7 +113,7 @@ def replace_keyslot_secret(
     is_passphrase = old.kind is KeyKind.LUKS_PASSPHRASE
     new_secret = new_passphrase().encode() if is_passphrase else secrets.token_bytes(64)
     slot = add_keyslot(device, old_secret, new_secret, kdf=kdf)
-    test_key(device, new_secret, slot=slot)
+    verify_key(device, new_secret, slot=slot)
     kill_keyslot(device, int(old.attributes["keyslot"]), new_secret)
 
     new_id = _next_id(vault, _base_id(old))

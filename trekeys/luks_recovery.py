@@ -49,7 +49,7 @@ from trekeys.luks_device import (
     erase_keyslots,
     extract_ext4,
     restore_header,
-    test_key,
+    verify_key,
 )
 from trekeys.records import KeyKind, utcnow
 from trekeys.vault import Vault
@@ -215,7 +215,7 @@ class RecoveryDrill:
         with copy.open("r+b") as handle:
             handle.write(bytes(header.metadata_end))
         try:
-            test_key(copy, b"no key opens a volume without a header")
+            verify_key(copy, b"no key opens a volume without a header")
         except NotLuksError:
             return True
         return False
@@ -231,7 +231,7 @@ class RecoveryDrill:
     def test_passphrase(self, copy: Path) -> None:
         """Open the copy with the escrowed recovery passphrase (test only)."""
         passphrase = self.vault.read_secret(self.passphrase_id, "recovery drill")
-        test_key(copy, passphrase)
+        verify_key(copy, passphrase)
 
     def recover_volume_key(self, copy: Path) -> bool:
         """Unlock the volume key with the passphrase; return it matches the escrow."""
@@ -269,7 +269,7 @@ class RecoveryDrill:
         erase_keyslots(copy)
         passphrase = self.vault.read_secret(self.passphrase_id, "recovery drill")
         try:
-            test_key(copy, passphrase)
+            verify_key(copy, passphrase)
         except CredentialError:
             return True
         return False
@@ -290,7 +290,7 @@ class RecoveryDrill:
         add_keyslot_from_volume_key(
             copy, self._volume_key, fresh, kdf=KdfSettings.test()
         )
-        test_key(copy, fresh)
+        verify_key(copy, fresh)
 
     # End of the drill
 
