@@ -176,11 +176,12 @@ class LuksHeader:
         )
 
 
-def read_header(path: Path) -> LuksHeader:
+def read_header(path: Path, *, both_copies: bool = False) -> LuksHeader:
     """Read and verify the LUKS2 header at the start of `path`.
 
     The primary header is used when its checksum verifies, else the secondary
-    copy, as cryptsetup does.
+    copy, as cryptsetup does. With `both_copies`, as for a header backup that
+    is about to be restored, both copies must verify and agree.
 
     Raises:
         NotLuksError: the file does not start with a LUKS header.
@@ -206,8 +207,18 @@ def read_header(path: Path) -> LuksHeader:
             f"cannot read {path} ({exc.strerror}); check the device path."
         ) from exc
 
-    for area, magic in ((primary, PRIMARY_MAGIC), (secondary, SECONDARY_MAGIC)):
-        header = _parse_area(path, area, magic, hdr_size)
+    copies = [
+        _parse_area(path, primary, PRIMARY_MAGIC, hdr_size),
+        _parse_area(path, secondary, SECONDARY_MAGIC, hdr_size),
+    ]
+    if both_copies:
+        first, second = copies
+        if first is None or second is None or first.metadata != second.metadata:
+            raise HeaderBackupError(
+                f"one of the two LUKS2 header copies in {path} is truncated, fails "
+                "its checksum or differs from the other; use another header backup."
+            )
+    for header in copies:
         if header is not None:
             return header
     raise HeaderBackupError(

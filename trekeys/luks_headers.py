@@ -123,7 +123,7 @@ def verify_header_backup(
                 f"header backup {backup} has SHA-256 {actual[:16]}..., not the "
                 f"{expected_sha256[:16]}... recorded in the vault; use another copy."
             )
-    header = read_header(backup)
+    header = read_header(backup, both_copies=True)
     if header.uuid != uuid:
         raise HeaderBackupError(
             f"header backup {backup} belongs to LUKS volume {header.uuid}, not "
