@@ -20,7 +20,9 @@ from pathlib import Path
 
 from trekeys.cryptsetup import KdfSettings
 from trekeys.errors import (
+    CredentialError,
     DestinationExistsError,
+    HeaderBackupError,
     RecordError,
     VolumeError,
 )
@@ -35,6 +37,7 @@ from trekeys.luks_device import (
     encrypt_in_place,
     format_volume,
     reduce_size,
+    verify_key,
 )
 from trekeys.luks_headers import (
     HEADER_ATTACHMENT,
@@ -317,6 +320,60 @@ def _add_records(
                 f"instance boot key file {record.attributes['boot_key_file']}"
             )
         vault.add(record, secret)
+
+
+# Checks that runbooks call by key id, so that they never hold key material.
+
+
+def verify_keyslot_secret(lab: Lab, vault: Vault, key_id: str) -> bool:
+    """Return whether the passphrase or boot key `key_id` opens its keyslot."""
+    record = vault.get(key_id)
+    volume = current_key(
+        vault, record.owner.removeprefix("instance:"), KeyKind.LUKS_VOLUME
+    )
+    secret = vault.read_secret(key_id, "keyslot check")
+    try:
+        verify_key(
+            volume_path(lab, volume), secret, slot=int(record.attributes["keyslot"])
+        )
+    except CredentialError:
+        return False
+    return True
+
+
+def verify_volume_key(lab: Lab, vault: Vault, volume_id: str) -> bool:
+    """Return whether the escrowed volume key matches the live header's digest."""
+    header = read_header(volume_path(lab, vault.get(volume_id)))
+    return header.check_volume_key(vault.read_secret(volume_id, "escrow check"))
+
+
+def describe_volume(lab: Lab, vault: Vault, instance: str) -> dict[str, str]:
+    """Return the facts about an instance's volume that a report shows."""
+    record = current_key(vault, instance, KeyKind.LUKS_VOLUME)
+    header = read_header(volume_path(lab, record))
+    segment = header.data_segment()
+    return {
+        "instance": instance,
+        "volume key": record.id,
+        "LUKS UUID": header.uuid,
+        "cipher": segment.cipher,
+        "key bits": record.attributes.get("key_size", ""),
+        "sector size": str(segment.sector_size),
+        "data offset": str(segment.offset),
+        "keyslots": ", ".join(sorted(header.keyslots, key=int)),
+        "keyslot KDF": record.attributes.get("keyslot_kdf", ""),
+        "header backup": record.attributes.get("header_backup_file", ""),
+        "header backup stale": record.attributes.get("header_backup_stale", ""),
+    }
+
+
+def is_luks(device: Path) -> bool:
+    """Return whether `device` starts with a readable LUKS2 header."""
+    try:
+        read_header(device)
+    except (VolumeError, HeaderBackupError):
+        return False
+    return True
 
 
 # Entry points that other capabilities call through this module.

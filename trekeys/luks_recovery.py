@@ -146,13 +146,30 @@ def compare_with_manifest(folder: Path, manifest: list[dict[str, object]]) -> in
 
 
 def remove_stale_scratch(lab: Lab) -> list[Path]:
-    """Remove scratch folders that earlier drills left behind (a killed kernel)."""
+    """Remove scratch folders whose drill process is gone (a killed kernel).
+
+    Each scratch folder holds the process id of its drill in ``owner.pid``;
+    folders of running processes are left alone.
+    """
     removed = []
-    if lab.work_dir.is_dir():
-        for folder in lab.work_dir.glob(f"{SCRATCH_PREFIX}*"):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    if not lab.work_dir.is_dir():
+        return removed
+    for folder in lab.work_dir.glob(f"{SCRATCH_PREFIX}*"):
+        if _owner_alive(folder / "owner.pid"):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        logger.warning("removed scratch data %s left by an earlier drill", folder)
     return removed
+
+
+def _owner_alive(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text(encoding="ascii"))
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @dataclass
@@ -194,6 +211,7 @@ class RecoveryDrill:
             lab.work_dir / f"{SCRATCH_PREFIX}{instance}-{stamp}-{secrets.token_hex(3)}"
         )
         scratch.mkdir(mode=0o700)
+        (scratch / "owner.pid").write_text(str(os.getpid()), encoding="ascii")
         drill = cls(lab, vault, instance, scratch, volume.id, passphrase.id, live)
         drill._live_state = _state_of(live)
         weakref.finalize(drill, shutil.rmtree, str(scratch), True)
