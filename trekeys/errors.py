@@ -18,7 +18,12 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── StateTransitionError  a transition that NIST SP 800-57 forbids
     ├── AuditError                the audit chain is broken
     ├── IntegrityError            a ciphertext, header, manifest or backup fails
-    │                             verification
+    │   │                         verification
+    │   ├── HeaderBackupError     a LUKS header backup is corrupt or of another volume
+    │   └── ManifestMismatchError recovered files differ from their manifest
+    ├── VolumeError               a storage volume cannot be used as asked
+    │   ├── NotLuksError          the device holds no LUKS header
+    │   └── UnsupportedVolumeError  LUKS1, or a layout trekeys cannot recover
     ├── PolicyError               an action the key management policy forbids
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
@@ -139,6 +144,45 @@ class AuditError(TrekeysError):
 
 class IntegrityError(TrekeysError):
     """A ciphertext, header backup, manifest or archive fails verification."""
+
+
+class HeaderBackupError(IntegrityError):
+    """A LUKS header backup is truncated, corrupt, stale or of another volume."""
+
+
+class ManifestMismatchError(IntegrityError):
+    """Files recovered from a volume differ from the manifest recorded at build time.
+
+    Attributes:
+        missing: manifest paths that were not recovered.
+        changed: paths whose size or SHA-256 differs.
+        unexpected: recovered paths that the manifest does not list.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str],
+        changed: list[str],
+        unexpected: list[str],
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.changed = changed
+        self.unexpected = unexpected
+
+
+class VolumeError(TrekeysError):
+    """A storage volume cannot be used as asked."""
+
+
+class NotLuksError(VolumeError):
+    """The device or file holds no LUKS header."""
+
+
+class UnsupportedVolumeError(VolumeError):
+    """A LUKS1 volume, or a LUKS2 layout that trekeys cannot recover."""
 
 
 class PolicyError(TrekeysError):

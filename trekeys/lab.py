@@ -43,6 +43,7 @@ VAULT_MASTER_ID = "tre/vault-master"
 # "module:function", and the function takes (lab, vault).
 LAB_STEPS: list[str] = [
     "trekeys.reports:build_lab",
+    "trekeys.luks:build_lab",
 ]
 
 DEMO_CUSTODIANS = (

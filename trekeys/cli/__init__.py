@@ -39,9 +39,15 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import keys, labcmd, runs, vaultcmd
+    from trekeys.cli import keys, labcmd, runs, vaultcmd, volume
 
-    for module in (labcmd, keys, runs, vaultcmd):
+    for module in (
+        labcmd,
+        keys,
+        runs,
+        vaultcmd,
+        volume,
+    ):
         module.register(main)
 
 
