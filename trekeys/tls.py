@@ -24,7 +24,12 @@ from datetime import timedelta
 
 from trekeys.lab import Lab
 from trekeys.records import utcnow
-from trekeys.tls_audit import CertificateFinding, TlsAuditReport, audit_tls
+from trekeys.tls_audit import (
+    CertificateFinding,
+    TlsAuditReport,
+    audit_tls,
+    serve_deployments,
+)
 from trekeys.tls_ca import (
     DEFAULT_CERT_DAYS,
     MAX_CERT_DAYS,
@@ -43,6 +48,7 @@ from trekeys.tls_endpoints import Endpoint, serve_tls, verify_endpoint
 from trekeys.tls_lifecycle import (
     DEFAULT_RENEW_AFTER,
     PublishedCrl,
+    crl_entries,
     default_publish_dir,
     publish_crl,
     renew_certificate,
@@ -67,6 +73,7 @@ __all__ = [
     "build_lab",
     "chain_pem",
     "create_ca",
+    "crl_entries",
     "default_publish_dir",
     "deploy_certificate",
     "deployment_targets",
@@ -82,6 +89,7 @@ __all__ = [
     "renewal_due",
     "revoke_certificate",
     "rotate_key",
+    "serve_deployments",
     "serve_tls",
     "undeploy_certificate",
     "verify_endpoint",

@@ -16,9 +16,10 @@ are reported per certificate and per endpoint, and the audit always goes on.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from trekeys.tls_endpoints import (
     DEFAULT_TIMEOUT_SECONDS,
     Endpoint,
     fetch_certificate,
+    serve_tls,
     verify_endpoint,
 )
 from trekeys.tls_lifecycle import default_publish_dir
@@ -154,14 +156,25 @@ class TlsAuditReport:
         """Whether nothing expired, revoked or mismatched is deployed or served."""
         return not self.failures
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Return every finding as a table row, failures first, then by expiry."""
+    def rows(self, *, highlight: bool = False) -> list[dict[str, Any]]:
+        """Return every finding as a table row, failures first, then by expiry.
+
+        With `highlight`, the verdict, expiry and days left of failures and
+        warnings are set in Markdown bold, for the notebook's table.
+        """
         order = {"FAIL": 0, "WARN": 1, "ok": 2}
         ranked = sorted(
             self.findings,
             key=lambda f: (order[f.verdict], f.days_left if f.days_left else 0),
         )
-        return [finding.to_row() for finding in ranked]
+        rows = [finding.to_row() for finding in ranked]
+        if highlight:
+            for row in rows:
+                if row["verdict"] != "ok":
+                    for column in ("verdict", "expires", "days left"):
+                        if row[column] != "":
+                            row[column] = f"**{row[column]}**"
+        return rows
 
 
 def audit_tls(
@@ -179,7 +192,9 @@ def audit_tls(
     Args:
         lab: the TRE; its services and publish folders are scanned by default.
         vault: the open vault.
-        scan_dirs: folders to search for PEM certificate files, recursively.
+        scan_dirs: folders to search for PEM certificate files, recursively;
+            when given, only recorded deployments inside them are audited. By
+            default the lab's folders and every recorded deployment.
         endpoints: live endpoints, as `Endpoint` or ``service@host:port`` text.
         warning_days: report certificates that expire within this many days.
         timeout: seconds to wait for each endpoint.
@@ -192,7 +207,7 @@ def audit_tls(
         else [lab.services_dir, default_publish_dir(lab)]
     )
     auditor = _Auditor(vault, now, warning_days)
-    findings = auditor.audit_files(folders)
+    findings = auditor.audit_files(folders, every_deployment=scan_dirs is None)
     for endpoint in endpoints:
         parsed = (
             endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint)
@@ -218,12 +233,19 @@ class _Auditor:
             for ca in vault.find(kind=KeyKind.TLS_CA.value, state=KeyState.ACTIVE.value)
         ]
 
-    def audit_files(self, folders: Sequence[Path]) -> list[CertificateFinding]:
-        """Audit every recorded deployment and every certificate file found."""
+    def audit_files(
+        self, folders: Sequence[Path], *, every_deployment: bool
+    ) -> list[CertificateFinding]:
+        """Audit the certificate files in `folders` and the recorded deployments,
+        all of them or only those inside `folders`."""
+        roots = [folder.resolve() for folder in folders]
         key_files: dict[Path, Path] = {}
         expected: dict[Path, str] = {}
         for record in self.vault.find(kind=KeyKind.TLS_CERT.value):
             for target in deployment_targets(record):
+                inside = any(target.chain_path.is_relative_to(r) for r in roots)
+                if not (every_deployment or inside):
+                    continue
                 key_files[target.chain_path] = target.key_path
                 expected[target.chain_path] = record.id
         found = {p.resolve() for folder in folders for p in _pem_files(folder)}
@@ -390,6 +412,30 @@ class _Auditor:
         finding.error = f"{path} is recorded as deployed but missing"
         finding.warnings.append("deployed file missing")
         return finding
+
+
+@contextlib.contextmanager
+def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
+    """Serve each active service key's deployed files on 127.0.0.1 for a drill.
+
+    A demo TRE has no running web servers, so the audit drill starts one
+    loopback server per deployment and audits it as a live endpoint.
+
+    Yields:
+        One endpoint per deployment whose files exist, named by its service.
+    """
+    with contextlib.ExitStack() as stack:
+        endpoints = []
+        records = vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value)
+        for record in records:
+            for target in deployment_targets(record):
+                if not (target.chain_path.exists() and target.key_path.exists()):
+                    continue
+                served = stack.enter_context(
+                    serve_tls(target.chain_path, target.key_path)
+                )
+                endpoints.append(Endpoint(served.host, served.port, service_of(record)))
+        yield endpoints
 
 
 def _pem_files(folder: Path) -> list[Path]:

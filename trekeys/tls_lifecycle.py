@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
+
 from trekeys.errors import CertificateError, PolicyError
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyRecord, KeyState, allowed_transitions
@@ -352,6 +354,19 @@ def publish_crl(
     return PublishedCrl(
         ca.id, number, [format(e.serial, "x") for e in entries], path, pem
     )
+
+
+def crl_entries(vault: Vault, ca_id: str) -> dict[str, str]:
+    """Return the serials (hex) and reasons listed in the CA's latest CRL."""
+    pem = vault.read_attachment(ca_id, CRL_ATTACHMENT)
+    listed = {}
+    for revoked in x509.load_pem_x509_crl(pem):
+        try:
+            reason = revoked.extensions.get_extension_for_class(x509.CRLReason)
+            listed[format(revoked.serial_number, "x")] = reason.value.reason.value
+        except x509.ExtensionNotFound:
+            listed[format(revoked.serial_number, "x")] = "unspecified"
+    return listed
 
 
 def _default_crl_path(ca: KeyRecord) -> Path | None:
