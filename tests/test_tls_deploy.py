@@ -68,10 +68,23 @@ def test_deploy_is_recorded(vault: Vault, service_id: str, tmp_path: Path) -> No
 
     record = vault.get(service_id)
     deployments = json.loads(record.attributes["deployments"])
-    assert deployments[0]["chain"] == str(target.chain_path)
-    assert deployments[0]["key"] == str(target.key_path)
+    assert deployments[0]["chain"] == "fullchain.pem"
+    assert deployments[0]["key"] == "privkey.pem"
     assert deployments[0]["fingerprint"] == record.fingerprint
-    assert f"deployed: {target.key_path}" in record.locations
+    assert tls.deployment_targets(vault, record) == [target]
+    assert "deployed: privkey.pem" in record.locations
+
+
+def test_deploy_outside_tre_recorded_absolute(
+    vault: Vault, service_id: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = tmp_path_factory.mktemp("elsewhere")
+
+    target = tls.deploy_certificate(vault, service_id, folder)
+
+    deployments = json.loads(vault.get(service_id).attributes["deployments"])
+    assert deployments[0]["chain"] == str(target.chain_path)
+    assert target.chain_path.is_absolute()
 
 
 def test_redeploy_replaces_own_files_only(

@@ -242,7 +242,7 @@ class _Auditor:
         key_files: dict[Path, Path] = {}
         expected: dict[Path, str] = {}
         for record in self.vault.find(kind=KeyKind.TLS_CERT.value):
-            for target in deployment_targets(record):
+            for target in deployment_targets(self.vault, record):
                 inside = any(target.chain_path.is_relative_to(r) for r in roots)
                 if not (every_deployment or inside):
                     continue
@@ -428,7 +428,7 @@ def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
         endpoints = []
         records = vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value)
         for record in records:
-            for target in deployment_targets(record):
+            for target in deployment_targets(vault, record):
                 if not (target.chain_path.exists() and target.key_path.exists()):
                     continue
                 served = stack.enter_context(

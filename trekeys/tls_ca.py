@@ -31,6 +31,8 @@ from trekeys.tls_records import (
     json_attribute,
     load_record_certificate,
     next_key_id,
+    path_for_record,
+    path_from_record,
     record_certificate,
     require_tls_record,
     set_json_attribute,
@@ -133,7 +135,7 @@ def create_ca(
         {"mode": "root", "subject": certificate.subject.rfc4514_string()}
     )
     if publish_dir is not None:
-        record.attributes["publish_dir"] = str(Path(publish_dir).resolve())
+        record.attributes["publish_dir"] = path_for_record(vault, Path(publish_dir))
     record_certificate(record, certificate, SELF_SIGNED)
 
     vault.add(record, private_key_pem(key))
@@ -426,7 +428,8 @@ def deploy_certificate(
     )
     target = DeployTarget(target.chain_path.resolve(), target.key_path.resolve())
     deployments = json_attribute(record, "deployments")
-    known = any(d["chain"] == str(target.chain_path) for d in deployments)
+    stored = path_for_record(vault, target.chain_path)
+    known = any(d["chain"] == stored for d in deployments)
 
     certificate = load_record_certificate(vault, key_id)
     key_pem = vault.read_secret(key_id, f"deploy to {target.key_path}")
@@ -437,32 +440,40 @@ def deploy_certificate(
         target, chain_pem(vault, key_id), key_pem, replace=replace or known
     )
 
-    _record_deployment(record, target, deployments)
+    _record_deployment(vault, record, target, deployments)
     vault.update(record, operation="deploy", detail=str(target.chain_path))
     return target
 
 
 def _record_deployment(
-    record: KeyRecord, target: DeployTarget, deployments: list[dict[str, str]]
+    vault: Vault,
+    record: KeyRecord,
+    target: DeployTarget,
+    deployments: list[dict[str, str]],
 ) -> None:
-    kept = [d for d in deployments if d["chain"] != str(target.chain_path)]
+    chain = path_for_record(vault, target.chain_path)
+    key = path_for_record(vault, target.key_path)
+    kept = [d for d in deployments if d["chain"] != chain]
     kept.append(
         {
-            **target.as_strings(),
+            "chain": chain,
+            "key": key,
             "fingerprint": record.fingerprint,
             "at": utcnow().isoformat(),
         }
     )
     set_json_attribute(record, "deployments", kept)
-    location = f"deployed: {target.key_path}"
+    location = f"deployed: {key}"
     if location not in record.locations:
         record.locations.append(location)
 
 
-def deployment_targets(record: KeyRecord) -> list[DeployTarget]:
+def deployment_targets(vault: Vault, record: KeyRecord) -> list[DeployTarget]:
     """Return where a key's certificate is recorded as deployed."""
     return [
-        DeployTarget(Path(d["chain"]), Path(d["key"]))
+        DeployTarget(
+            path_from_record(vault, d["chain"]), path_from_record(vault, d["key"])
+        )
         for d in json_attribute(record, "deployments")
     ]
 
@@ -471,11 +482,11 @@ def undeploy_certificate(vault: Vault, key_id: str) -> list[Path]:
     """Remove every recorded deployment of a key's files; return what was removed."""
     record = require_tls_record(vault, key_id)
     removed: list[Path] = []
-    for target in deployment_targets(record):
+    for target in deployment_targets(vault, record):
         removed += remove_deployment(target)
-        record.locations = [
-            loc for loc in record.locations if loc != f"deployed: {target.key_path}"
-        ]
+    record.locations = [
+        loc for loc in record.locations if not loc.startswith("deployed: ")
+    ]
     set_json_attribute(record, "deployments", [])
     vault.update(record, operation="undeploy", detail=f"{len(removed)} files removed")
     return removed
@@ -485,7 +496,7 @@ def publish_ca_certificate(vault: Vault, ca_id: str) -> Path:
     """Write the CA certificate to its publish folder for the workstations' trust
     stores, atomically, and return the path."""
     record = vault.get(ca_id)
-    folder = Path(record.attributes["publish_dir"])
+    folder = path_from_record(vault, record.attributes["publish_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{ca_id.replace('/', '-')}.pem"
     write_public_file(path, certificate_pem(load_record_certificate(vault, ca_id)))

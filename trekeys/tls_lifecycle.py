@@ -45,6 +45,8 @@ from trekeys.tls_records import (
     keep_certificate_attachment,
     load_record_certificate,
     mark_certificate,
+    path_for_record,
+    path_from_record,
     record_certificate,
     require_tls_record,
     service_of,
@@ -183,7 +185,7 @@ def _renew_same_key(
     vault.update(
         record, operation="renew", detail=f"serial {record.attributes['serial']}"
     )
-    for target in deployment_targets(record):
+    for target in deployment_targets(vault, record):
         deploy_certificate(vault, record.id, target)
     return record
 
@@ -211,7 +213,7 @@ def _replace_key(
         key_cryptoperiod_days=record.cryptoperiod_days or DEFAULT_KEY_CRYPTOPERIOD_DAYS,
         now=now,
     )
-    for target in deployment_targets(record):
+    for target in deployment_targets(vault, record):
         deploy_certificate(vault, new_record.id, target, replace=True)
     set_json_attribute(record, "deployments", [])
     record.locations = [
@@ -342,10 +344,10 @@ def publish_crl(
     pem = crl_pem(crl)
 
     ca.attributes["crl_number"] = str(number)
-    path = out_path or _default_crl_path(ca)
+    path = out_path or _default_crl_path(vault, ca)
     if path is not None:
         write_public_file(Path(path), pem)
-        ca.attributes["crl_path"] = str(Path(path).resolve())
+        ca.attributes["crl_path"] = path_for_record(vault, Path(path))
     vault.update(
         ca, operation="publish-crl", detail=f"CRL {number}, {len(entries)} revoked"
     )
@@ -369,11 +371,11 @@ def crl_entries(vault: Vault, ca_id: str) -> dict[str, str]:
     return listed
 
 
-def _default_crl_path(ca: KeyRecord) -> Path | None:
+def _default_crl_path(vault: Vault, ca: KeyRecord) -> Path | None:
     folder = ca.attributes.get("publish_dir")
     if not folder:
         return None
-    return Path(folder) / f"{ca.id.replace('/', '-')}.crl.pem"
+    return path_from_record(vault, folder) / f"{ca.id.replace('/', '-')}.crl.pem"
 
 
 def _revoked_entries(vault: Vault, ca_id: str) -> list[RevokedEntry]:
@@ -468,7 +470,10 @@ def _rotate_ca(
     compromised: bool,
     now: datetime,
 ) -> list[str]:
-    publish_dir = Path(old_ca.attributes.get("publish_dir") or default_publish_dir(lab))
+    stored_dir = old_ca.attributes.get("publish_dir")
+    publish_dir = (
+        path_from_record(vault, stored_dir) if stored_dir else default_publish_dir(lab)
+    )
     old_certificate = load_record_certificate(vault, old_ca.id)
     new_ca = create_ca(
         vault,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -46,6 +47,30 @@ def json_attribute(record: KeyRecord, name: str) -> Any:
 def set_json_attribute(record: KeyRecord, name: str, value: Any) -> None:
     """Store `value` as a JSON attribute of a record."""
     record.attributes[name] = json.dumps(value, sort_keys=True)
+
+
+def path_for_record(vault: Vault, path: Path) -> str:
+    """Return how a file path is stored on a key record.
+
+    Paths inside the folder that holds the vault's device folder (the root of a
+    demo TRE) are stored relative to it, so that a copied TRE stays whole;
+    other paths are stored absolute.
+    """
+    base = _record_base(vault)
+    absolute = Path(path).resolve()
+    if absolute.is_relative_to(base):
+        return str(absolute.relative_to(base))
+    return str(absolute)
+
+
+def path_from_record(vault: Vault, text: str) -> Path:
+    """Return the absolute path of a path stored by `path_for_record`."""
+    path = Path(text)
+    return path if path.is_absolute() else _record_base(vault) / path
+
+
+def _record_base(vault: Vault) -> Path:
+    return vault.path.resolve().parent.parent
 
 
 def service_of(record: KeyRecord) -> str:
