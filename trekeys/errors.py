@@ -24,6 +24,12 @@ and the next step. Messages about credentials never say which part was wrong.
     ├── VolumeError               a storage volume cannot be used as asked
     │   ├── NotLuksError          the device holds no LUKS header
     │   └── UnsupportedVolumeError  LUKS1, or a layout trekeys cannot recover
+    ├── CertificateError          a certificate, its key or its CA cannot be used
+    │   ├── CertificateKeyMismatchError  the private key is not the certificate's
+    │   ├── CertificateValidityError     a CA is expired or not yet valid
+    │   └── HostnameError                not a valid DNS name or IP address
+    ├── DeploymentError           a deploy folder is missing or not writable
+    ├── EndpointError             a live TLS endpoint refused, timed out or is not TLS
     ├── PolicyError               an action the key management policy forbids
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
@@ -183,6 +189,40 @@ class NotLuksError(VolumeError):
 
 class UnsupportedVolumeError(VolumeError):
     """A LUKS1 volume, or a LUKS2 layout that trekeys cannot recover."""
+
+
+class CertificateError(TrekeysError):
+    """A certificate, its private key or its issuing CA cannot be used."""
+
+
+class CertificateKeyMismatchError(CertificateError):
+    """A private key does not belong to the certificate it comes with."""
+
+
+class CertificateValidityError(CertificateError):
+    """A certificate or CA is expired or not yet valid at the time of use."""
+
+
+class HostnameError(CertificateError):
+    """A name for a certificate is neither a valid DNS name nor an IP address."""
+
+
+class DeploymentError(TrekeysError):
+    """Certificate files could not be written where a web server reads them."""
+
+
+class EndpointError(TrekeysError):
+    """A live TLS endpoint refused the connection, timed out or does not speak TLS.
+
+    Attributes:
+        endpoint: ``host:port`` of the endpoint.
+        reason: one of ``refused``, ``timed out``, ``no TLS`` or ``unreachable``.
+    """
+
+    def __init__(self, message: str, *, endpoint: str, reason: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.reason = reason
 
 
 class PolicyError(TrekeysError):

@@ -44,6 +44,7 @@ VAULT_MASTER_ID = "tre/vault-master"
 LAB_STEPS: list[str] = [
     "trekeys.reports:build_lab",
     "trekeys.luks:build_lab",
+    "trekeys.tls:build_lab",
 ]
 
 DEMO_CUSTODIANS = (

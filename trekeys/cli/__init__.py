@@ -39,7 +39,7 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import keys, labcmd, runs, vaultcmd, volume
+    from trekeys.cli import keys, labcmd, runs, tls, vaultcmd, volume
 
     for module in (
         labcmd,
@@ -47,6 +47,7 @@ def _register() -> None:
         runs,
         vaultcmd,
         volume,
+        tls,
     ):
         module.register(main)
 
