@@ -315,7 +315,7 @@ def decrypt(
     with temporary_home() as home:
         arguments = ["--decrypt", "--output", "-"]
         if secret_key is not None:
-            import_key(home, secret_key)
+            import_key(home, secret_key, secret=True)
         else:
             arguments.insert(0, "--no-autostart")
         with open(source, "rb") as data:
@@ -346,8 +346,10 @@ def check_decryption(
             f"the passphrase does not open {source}; check it, or ask the key "
             "manager to recover the file from the escrow."
         )
-    if not used_passphrase and run.has("NO_SECKEY") and not run.has("DECRYPTION_KEY"):
-        recipients = ", ".join(v.split()[0] for v in run.values("NO_SECKEY"))
+    # With a passphrase packet present, gpg asks for a passphrase before it
+    # reports NO_SECKEY, so a missing DECRYPTION_KEY is the reliable sign.
+    if not used_passphrase and run.has("ENC_TO") and not run.has("DECRYPTION_KEY"):
+        recipients = ", ".join(v.split()[0] for v in run.values("ENC_TO"))
         raise CredentialError(
             f"{source} is encrypted to OpenPGP key {recipients}, not to escrow key "
             f"{key_label or 'given'}; recover it with the escrow key that matches."
@@ -469,13 +471,19 @@ def generate_escrow_key(user_id: str) -> EscrowKey:
     return EscrowKey(fingerprint, subkey_id, secret, public)
 
 
-def import_key(home: Path, armored: str) -> None:
-    """Import an armored key into the keyring at `home` (created 0700 if missing)."""
+def import_key(home: Path, armored: str, *, secret: bool = False) -> None:
+    """Import an armored key into the keyring at `home` (created 0700 if missing).
+
+    Only a secret key import starts a gpg-agent, because lasting keyrings
+    such as the escrow keyring must not keep agent sockets: they cannot be
+    copied or backed up.
+    """
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryFile() as source:
         source.write(armored.encode("ascii"))
         source.seek(0)
-        run = run_gpg(home, ["--import"], stdin=source)
+        arguments = ["--import"] if secret else ["--no-autostart", "--import"]
+        run = run_gpg(home, arguments, stdin=source)
     if run.returncode != 0 or not run.has("IMPORT_OK"):
         raise ToolError(
             f"gpg could not import a key into {home}; check the keyring.",
