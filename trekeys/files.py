@@ -35,7 +35,8 @@ from trekeys.errors import (
     WeakPassphraseError,
 )
 from trekeys.lab import Lab
-from trekeys.pgpfile import S2kSettings, staged_output
+from trekeys.outputs import staged_output
+from trekeys.pgpfile import S2kSettings
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.rotation import next_key_id, retire_key
 from trekeys.vault import Vault

@@ -33,11 +33,11 @@ from typing import IO
 
 from trekeys.errors import (
     CredentialError,
-    DestinationExistsError,
     IntegrityError,
     ToolError,
     ToolMissingError,
 )
+from trekeys.outputs import staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -358,50 +358,6 @@ def check_decryption(
         f"gpg could not decrypt {source} (exit status {run.returncode}); the file "
         "is damaged or not an OpenPGP message: restore it from a backup."
     )
-
-
-# Staged outputs
-
-
-@contextlib.contextmanager
-def staged_output(dest: Path, *, overwrite: bool = False) -> Iterator[IO[bytes]]:
-    """Yield a hidden 0600 temporary file that becomes `dest` when the block succeeds.
-
-    Without `overwrite` the file is linked into place, which fails rather
-    than replace a file that appeared meanwhile. On any exception the
-    temporary file is removed and `dest` is left as it was.
-
-    Raises:
-        DestinationExistsError: `dest` exists and `overwrite` is false.
-    """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise DestinationExistsError(dest)
-    if dest.is_dir():
-        raise DestinationExistsError(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.trekeys-partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        publish(tmp, dest, overwrite=overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def publish(tmp: Path, dest: Path, *, overwrite: bool) -> None:
-    """Move a finished temporary file to `dest`, never replacing it unless asked."""
-    if overwrite:
-        os.replace(tmp, dest)
-        return
-    try:
-        os.link(tmp, dest)
-    except FileExistsError:
-        raise DestinationExistsError(dest) from None
-    tmp.unlink()
 
 
 # Keys
