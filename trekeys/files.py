@@ -237,6 +237,18 @@ def decrypt_path(
     return _write_plaintext(Path(source), Path(dest), run, overwrite=overwrite)
 
 
+def decrypt_with_stored_passphrase(
+    vault: Vault, source: Path, dest: Path, *, key_id: str, reason: str
+) -> Path:
+    """Decrypt as the user would, with the passphrase the vault stores for them.
+
+    Drills use this to prove the passphrase path without handling the
+    passphrase themselves.
+    """
+    passphrase = vault.read_secret(key_id, reason).decode("utf-8")
+    return decrypt_path(source, dest, passphrase=passphrase)
+
+
 def recover_path(
     lab: Lab,
     vault: Vault,

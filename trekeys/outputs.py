@@ -9,7 +9,9 @@ never replaces existing data unless the caller asked for it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -58,3 +60,18 @@ def publish(tmp: Path, dest: Path, *, overwrite: bool) -> None:
     except FileExistsError:
         raise DestinationExistsError(dest) from None
     tmp.unlink()
+
+
+def new_scratch_dir(parent: Path, prefix: str) -> Path:
+    """Create a new private folder under `parent` for one drill run's outputs."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent))
+
+
+def file_digest(path: Path) -> str:
+    """Return the SHA-256 of a file's content in hex, reading it in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
