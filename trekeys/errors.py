@@ -30,7 +30,11 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── HostnameError                not a valid DNS name or IP address
     ├── DeploymentError           a deploy folder is missing or not writable
     ├── EndpointError             a live TLS endpoint refused, timed out or is not TLS
+
+
+    │   └── ManifestMismatchError files differ from their transfer manifest
     ├── PolicyError               an action the key management policy forbids
+    │   └── WeakPassphraseError   a passphrase is too easy to guess
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
     └── DestinationExistsError    an output would overwrite existing data
@@ -245,3 +249,25 @@ class DestinationExistsError(TrekeysError):
             f"{path} already exists; choose a new destination or move it away first."
         )
         self.path = path
+
+
+class WeakPassphraseError(PolicyError):
+    """A passphrase is too easy to guess; the message gives the estimator's advice."""
+
+
+class ManifestMismatchError(IntegrityError):
+    """Files of a folder do not match its transfer manifest.
+
+    Attributes:
+        added: paths in the folder that the manifest does not list.
+        removed: paths that the manifest lists and the folder lacks.
+        changed: paths whose size or HMAC differs.
+    """
+
+    def __init__(
+        self, message: str, *, added: list[str], removed: list[str], changed: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.added = added
+        self.removed = removed
+        self.changed = changed

@@ -39,15 +39,18 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import keys, labcmd, runs, tls, vaultcmd, volume
+    from trekeys.cli import filescmd, keys, labcmd, runs, tls, transfercmd, vaultcmd, volume, wrapcmd
 
     for module in (
         labcmd,
         keys,
         runs,
+        tls,
         vaultcmd,
         volume,
-        tls,
+        filescmd,
+        transfercmd,
+        wrapcmd,
     ):
         module.register(main)
 
