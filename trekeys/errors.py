@@ -6,7 +6,8 @@ and the next step. Messages about credentials never say which part was wrong.
 
     TrekeysError
     ├── ToolError                 an external tool is missing or failed
-    │   └── ToolMissingError
+    │   ├── ToolMissingError
+    │   └── AgentError            gpg-agent did not start or answer
     ├── CredentialError           wrong passphrase, share, key file or key
     │   └── ShareError            a custody share is malformed or mismatched
     ├── VaultError
@@ -18,7 +19,11 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── StateTransitionError  a transition that NIST SP 800-57 forbids
     ├── AuditError                the audit chain is broken
     ├── IntegrityError            a ciphertext, header, manifest or backup fails
-    │                             verification
+    │   │                         verification
+    │   └── RecipientMismatchError  a backup is encrypted to other keys
+    ├── RecipientError            a backup recipient key is missing, expired,
+    │                             revoked or cannot encrypt
+    ├── KeyringMissingError       a GnuPG home folder is missing
     ├── PolicyError               an action the key management policy forbids
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
@@ -67,6 +72,10 @@ class ToolMissingError(ToolError):
             tool=tool,
         )
         self.package = package
+
+
+class AgentError(ToolError):
+    """gpg-agent did not start or did not answer for a GnuPG home folder."""
 
 
 class CredentialError(TrekeysError):
@@ -139,6 +148,42 @@ class AuditError(TrekeysError):
 
 class IntegrityError(TrekeysError):
     """A ciphertext, header backup, manifest or archive fails verification."""
+
+
+class RecipientMismatchError(IntegrityError):
+    """An encrypted backup lists other recipients than the ones it must have."""
+
+
+class RecipientError(TrekeysError):
+    """A recipient key cannot be used for a backup.
+
+    Attributes:
+        key_id: the vault key id of the recipient.
+        fingerprint: its OpenPGP fingerprint.
+        reason: missing, expired, revoked, no encryption subkey, or not active.
+    """
+
+    def __init__(self, key_id: str, fingerprint: str, reason: str) -> None:
+        super().__init__(
+            f"recipient key {key_id} ({fingerprint or 'no fingerprint'}) is "
+            f"{reason}; rotate it with 'trekeys backup rotate {key_id}' or repair "
+            "the public keyring, then back up again."
+        )
+        self.key_id = key_id
+        self.fingerprint = fingerprint
+        self.reason = reason
+
+
+class KeyringMissingError(TrekeysError):
+    """A GnuPG home folder that a key lives in is missing."""
+
+    def __init__(self, path: Path, key_id: str) -> None:
+        super().__init__(
+            f"GnuPG home {path} of key {key_id} is missing; mount the media that "
+            "holds it (for the offline key, the offline media) and try again."
+        )
+        self.path = path
+        self.key_id = key_id
 
 
 class PolicyError(TrekeysError):
