@@ -462,3 +462,91 @@ def verify_archive_file(backup: Backup) -> None:
             "it was changed, so restore from another backup."
         )
     verify_recipients(archive, backup.recipients)
+
+
+# Retention
+
+
+def prune_backups(
+    lab: Lab, vault: Vault, instance: str, *, keep: int = DEFAULT_KEEP
+) -> list[str]:
+    """Delete all but the newest `keep` backups of `instance`.
+
+    The newest backup that passed a restore test with all three keys is never
+    deleted, even when it is older than the newest `keep`, so that one proven
+    backup always remains.
+
+    Returns:
+        The names of the deleted backups.
+
+    Raises:
+        PolicyError: `keep` is less than 1.
+    """
+    if keep < 1:
+        raise PolicyError(
+            f"keeping {keep} backups would delete every backup of {instance}; "
+            "keep at least 1."
+        )
+    backups = list_backups(lab, instance)
+    kept = {b.name for b in backups[-keep:]}
+    tested = [b for b in backups if b.passed_restore_test]
+    if tested:
+        kept.add(tested[-1].name)
+
+    removed = []
+    for backup in backups:
+        if backup.name in kept:
+            continue
+        backup.archive.unlink(missing_ok=True)
+        backup.manifest_path.unlink()
+        _forget_backup(vault, backup)
+        removed.append(backup.name)
+        logger.info("deleted backup %s (retention %d)", backup.reference, keep)
+    return removed
+
+
+def _forget_backup(vault: Vault, backup: Backup) -> None:
+    for recipient in backup.recipients:
+        if recipient.key_id not in vault:
+            continue
+        record = vault.get(recipient.key_id)
+        if backup.reference in record.protects:
+            record.protects.remove(backup.reference)
+            vault.update(record, operation="backup-deleted", detail=backup.reference)
+
+
+# The demo TRE
+
+
+DEMO_FILES = {
+    "README.txt": "Project notes for the {instance} instance, kept by {user}.\n",
+    "analysis/summary.csv": "cohort,n,mean\nA,120,4.2\nB,98,3.9\n",
+    "analysis/model.py": "# {user}'s model\nCOEFFICIENTS = [0.1, 0.2, 0.3]\n",
+    ".bashrc": "export PS1='{user}@{instance}$ '\n",
+}
+
+
+def create_demo_home(lab: Lab, instance: str, user: str) -> Path:
+    """Create a user's home folder with a few files, if it does not exist."""
+    home = home_dir(lab, instance) / user
+    if home.exists():
+        return home
+    for relative, text in DEMO_FILES.items():
+        path = home / relative
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(text.format(instance=instance, user=user), encoding="utf-8")
+    (home / "data.bin").write_bytes(os.urandom(64 * 1024))
+    return home
+
+
+def build_lab(lab: Lab, vault: Vault) -> None:
+    """Create the backup keys and two backups of every instance's home folder."""
+    gpgkeys.create_backup_keys(lab, vault)
+    for instance, users in lab.instances.items():
+        for user in users:
+            create_demo_home(lab, instance, user)
+        create_backup(lab, vault, instance)
+        # A change between the two backups, as between two nightly runs.
+        first = home_dir(lab, instance) / users[0] / "analysis" / "results.txt"
+        first.write_text("results of the second day\n", encoding="utf-8")
+        create_backup(lab, vault, instance)

@@ -400,7 +400,7 @@ def import_public_key(home: Path, armored: str | bytes, *, key_id: str = "") -> 
     gpg = gnupg.GPG(gnupghome=str(home), gpgbinary=gpg_binary())
     data = armored.decode("ascii") if isinstance(armored, bytes) else armored
     result = gpg.import_keys(data)
-    if not result.results or not any(r.get("ok") for r in result.results):
+    if result.returncode != 0 or not result.count or result.not_imported:
         raise_for_gpg(f"import a key for {key_id}", result.stderr or "", None, home)
 
 

@@ -85,7 +85,7 @@ def restore_backup(
     key_id: str,
     target: Path,
     user: str | None = None,
-    authorized_keys_filter: AuthorizedKeysFilter | None = None,
+    drop_revoked_ssh_keys: bool = True,
 ) -> RestoreReport:
     """Decrypt `backup` with `key_id` alone and extract it into the new folder `target`.
 
@@ -93,8 +93,8 @@ def restore_backup(
         key_id: one of the backup's recipient keys.
         target: a folder that must not exist yet.
         user: restore only this user's folder.
-        authorized_keys_filter: rewrites each ``.ssh/authorized_keys`` on the
-            way out, such as dropping revoked SSH keys.
+        drop_revoked_ssh_keys: leave out of each ``.ssh/authorized_keys`` the
+            keys listed in the TRE's SSH key revocation list.
 
     Raises:
         DestinationExistsError: `target` exists.
@@ -113,6 +113,11 @@ def restore_backup(
     recipient = _recipient_for(backup, key_id)
     _check_size(backup)
     verify_recipients(backup.archive, backup.recipients)
+    keys_filter = None
+    if drop_revoked_ssh_keys:
+        from trekeys.ssh import revoked_keys_filter
+
+        keys_filter = revoked_keys_filter(lab)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -121,7 +126,7 @@ def restore_backup(
             vault, key_id, f"restore {backup.reference}"
         )
         extracted = _decrypt_and_extract(
-            backup, home, passphrase, staging, user, authorized_keys_filter
+            backup, home, passphrase, staging, user, keys_filter
         )
         count, size = _compare_with_manifest(backup, extracted, user)
         os.rename(staging, target)
@@ -184,6 +189,51 @@ def _decrypt_and_extract(
     user: str | None,
     keys_filter: AuthorizedKeysFilter | None,
 ) -> _Extracted:
+    extracted = _Extracted()
+
+    def consume(stream: IO[bytes]) -> None:
+        _extract_stream(stream, staging, user, keys_filter, extracted)
+
+    _decrypt_into(backup, home, passphrase, consume)
+    return extracted
+
+
+def read_backup_members(
+    lab: Lab,
+    vault: Vault,
+    backup: Backup,
+    *,
+    key_id: str,
+    wanted: Callable[[str], bool],
+) -> dict[str, bytes]:
+    """Decrypt `backup` with `key_id` and return the members `wanted` selects.
+
+    Nothing is written to disk; use it for small files such as authorized_keys.
+    """
+    record = vault.get(key_id)
+    home = gpgkeys.open_home(gpgkeys.home_of(lab, record), key_id=key_id)
+    _recipient_for(backup, key_id)
+    verify_recipients(backup.archive, backup.recipients)
+    found: dict[str, bytes] = {}
+
+    def consume(stream: IO[bytes]) -> None:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
+            for member in tar:
+                name = _checked_name(member.name)
+                if member.isfile() and wanted(name):
+                    found[name] = _read_member(tar, member)
+
+    passphrase = gpgkeys.read_passphrase(vault, key_id, f"read {backup.reference}")
+    try:
+        _decrypt_into(backup, home, passphrase, consume)
+    finally:
+        gpgkeys.stop_agent(home)
+    return found
+
+
+def _decrypt_into(
+    backup: Backup, home: Path, passphrase: str, consume: Callable[[IO[bytes]], None]
+) -> None:
     with gpgkeys.passphrase_fd(passphrase) as fd, tempfile.TemporaryFile() as status:
         command = gpgkeys.gpg_command(
             home,
@@ -203,13 +253,12 @@ def _decrypt_and_extract(
         )
         stdout = cast(IO[bytes], process.stdout)
         tar_error: Exception | None = None
-        extracted = _Extracted()
         try:
-            _extract_stream(stdout, staging, user, keys_filter, extracted)
+            consume(stdout)
             # Drain what follows the tar end so gpg can check the MDC.
             while stdout.read(CHUNK):
                 pass
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             tar_error = exc
             process.kill()
         finally:
@@ -219,7 +268,6 @@ def _decrypt_and_extract(
         output = status.read().decode(errors="replace")
 
     _raise_for_decryption(backup, home, returncode, output, tar_error)
-    return extracted
 
 
 def _raise_for_decryption(
