@@ -111,8 +111,12 @@ def restore_backup(
     record = vault.get(key_id)
     home = gpgkeys.open_home(gpgkeys.home_of(lab, record), key_id=key_id)
     recipient = _recipient_for(backup, key_id)
-    _check_size(backup)
+    if not backup.archive.is_file():
+        raise IntegrityError(
+            f"backup archive {backup.archive} is missing; restore from another backup."
+        )
     verify_recipients(backup.archive, backup.recipients)
+    _check_size(backup)
     keys_filter = None
     if drop_revoked_ssh_keys:
         from trekeys.ssh import revoked_keys_filter
@@ -160,10 +164,6 @@ def _recipient_for(backup: Backup, key_id: str) -> Any:
 
 
 def _check_size(backup: Backup) -> None:
-    if not backup.archive.is_file():
-        raise IntegrityError(
-            f"backup archive {backup.archive} is missing; restore from another backup."
-        )
     size = backup.archive.stat().st_size
     if size < backup.manifest["archive_bytes"]:
         raise IntegrityError(
