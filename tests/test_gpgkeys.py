@@ -107,8 +107,8 @@ def test_gpg_missing_raises_tool_missing(
 
 def test_agent_not_starting_raises_agent_error(lab: Lab, vault: Vault) -> None:
     """A non-empty folder where the agent's socket belongs stops it binding."""
+    gpgkeys.stop_agent(gpgkeys.admin_home(lab))
     home = gpgkeys.open_home(gpgkeys.admin_home(lab))
-    gpgkeys.stop_agent(home)
     redirect = (home / "S.gpg-agent").read_text()
     blocker = Path(redirect.split("socket=")[1].strip())
     blocker.mkdir()

@@ -239,12 +239,16 @@ def stop_agent(home: Path) -> None:
     gpgconf = shutil.which("gpgconf")
     if gpgconf is None or not Path(home).is_dir():
         return
-    open_home(home)
+    home = open_home(home)
     subprocess.run(
         [gpgconf, "--homedir", str(home), "--kill", "gpg-agent"],
         capture_output=True,
         check=False,
     )
+    try:
+        _socket_dir(home).rmdir()
+    except OSError:
+        logger.debug("socket folder of %s is still in use", home)
 
 
 # Creating keys
@@ -400,6 +404,7 @@ def import_public_key(home: Path, armored: str | bytes, *, key_id: str = "") -> 
     gpg = gnupg.GPG(gnupghome=str(home), gpgbinary=gpg_binary())
     data = armored.decode("ascii") if isinstance(armored, bytes) else armored
     result = gpg.import_keys(data)
+    stop_agent(home)
     if result.returncode != 0 or not result.count or result.not_imported:
         raise_for_gpg(f"import a key for {key_id}", result.stderr or "", None, home)
 

@@ -162,6 +162,7 @@ def _home_holds_secret(lab: Lab, record: KeyRecord) -> bool:
     secret = gpgkeys.gpg_for(home, key_id=record.id).list_keys(
         secret=True, keys=[record.fingerprint]
     )
+    gpgkeys.stop_agent(home)
     return any(k["fingerprint"] == record.fingerprint for k in secret)
 
 
