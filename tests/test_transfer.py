@@ -17,8 +17,8 @@ from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
     IntegrityError,
-    ManifestMismatchError,
     PolicyError,
+    TransferManifestError,
 )
 from trekeys.lab import Lab, create_lab
 from trekeys.records import KeyState
@@ -91,7 +91,7 @@ def test_changes_are_named(lab, folder, manifest):
     (folder / "sub" / "deeper" / "empty.txt").unlink()
     (folder / "added.txt").write_text("smuggled")
     with lab.open_vault() as vault:
-        with pytest.raises(ManifestMismatchError, match="added: added.txt") as caught:
+        with pytest.raises(TransferManifestError, match="added: added.txt") as caught:
             transfer.verify_manifest(vault, manifest, folder)
     error = caught.value
     assert error.added == ["added.txt"]

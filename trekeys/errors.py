@@ -6,7 +6,8 @@ and the next step. Messages about credentials never say which part was wrong.
 
     TrekeysError
     ├── ToolError                 an external tool is missing or failed
-    │   └── ToolMissingError
+    │   ├── ToolMissingError
+    │   └── AgentError            gpg-agent did not start or answer
     ├── CredentialError           wrong passphrase, share, key file or key
     │   └── ShareError            a custody share is malformed or mismatched
     ├── VaultError
@@ -20,7 +21,9 @@ and the next step. Messages about credentials never say which part was wrong.
     ├── IntegrityError            a ciphertext, header, manifest or backup fails
     │   │                         verification
     │   ├── HeaderBackupError     a LUKS header backup is corrupt or of another volume
-    │   └── ManifestMismatchError recovered files differ from their manifest
+    │   ├── ManifestMismatchError recovered files differ from their manifest
+    │   ├── TransferManifestError files differ from their transfer manifest
+    │   └── RecipientMismatchError  a backup is encrypted to other keys
     ├── VolumeError               a storage volume cannot be used as asked
     │   ├── NotLuksError          the device holds no LUKS header
     │   └── UnsupportedVolumeError  LUKS1, or a layout trekeys cannot recover
@@ -30,9 +33,9 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── HostnameError                not a valid DNS name or IP address
     ├── DeploymentError           a deploy folder is missing or not writable
     ├── EndpointError             a live TLS endpoint refused, timed out or is not TLS
-
-
-    │   └── ManifestMismatchError files differ from their transfer manifest
+    ├── RecipientError            a backup recipient key is missing, expired,
+    │                             revoked or cannot encrypt
+    ├── KeyringMissingError       a GnuPG home folder is missing
     ├── PolicyError               an action the key management policy forbids
     │   └── WeakPassphraseError   a passphrase is too easy to guess
     ├── LabError                  a demo TRE folder is missing or invalid
@@ -82,6 +85,10 @@ class ToolMissingError(ToolError):
             tool=tool,
         )
         self.package = package
+
+
+class AgentError(ToolError):
+    """gpg-agent did not start or did not answer for a GnuPG home folder."""
 
 
 class CredentialError(TrekeysError):
@@ -229,6 +236,42 @@ class EndpointError(TrekeysError):
         self.reason = reason
 
 
+class RecipientMismatchError(IntegrityError):
+    """An encrypted backup lists other recipients than the ones it must have."""
+
+
+class RecipientError(TrekeysError):
+    """A recipient key cannot be used for a backup.
+
+    Attributes:
+        key_id: the vault key id of the recipient.
+        fingerprint: its OpenPGP fingerprint.
+        reason: missing, expired, revoked, no encryption subkey, or not active.
+    """
+
+    def __init__(self, key_id: str, fingerprint: str, reason: str) -> None:
+        super().__init__(
+            f"recipient key {key_id} ({fingerprint or 'no fingerprint'}) is "
+            f"{reason}; rotate it with 'trekeys backup rotate {key_id}' or repair "
+            "the public keyring, then back up again."
+        )
+        self.key_id = key_id
+        self.fingerprint = fingerprint
+        self.reason = reason
+
+
+class KeyringMissingError(TrekeysError):
+    """A GnuPG home folder that a key lives in is missing."""
+
+    def __init__(self, path: Path, key_id: str) -> None:
+        super().__init__(
+            f"GnuPG home {path} of key {key_id} is missing; mount the media that "
+            "holds it (for the offline key, the offline media) and try again."
+        )
+        self.path = path
+        self.key_id = key_id
+
+
 class PolicyError(TrekeysError):
     """An action that the key management policy forbids."""
 
@@ -255,7 +298,7 @@ class WeakPassphraseError(PolicyError):
     """A passphrase is too easy to guess; the message gives the estimator's advice."""
 
 
-class ManifestMismatchError(IntegrityError):
+class TransferManifestError(IntegrityError):
     """Files of a folder do not match its transfer manifest.
 
     Attributes:

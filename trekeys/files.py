@@ -38,7 +38,7 @@ from trekeys.lab import Lab
 from trekeys.outputs import staged_output
 from trekeys.pgpfile import S2kSettings
 from trekeys.records import KeyKind, KeyRecord, KeyState
-from trekeys.rotation import next_key_id, retire_key
+from trekeys.succession import next_key_id, retire_key
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)

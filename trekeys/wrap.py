@@ -38,7 +38,7 @@ from trekeys.errors import CredentialError, IntegrityError, RecordError
 from trekeys.lab import Lab
 from trekeys.outputs import staged_output
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
-from trekeys.rotation import next_key_id, retire_key
+from trekeys.succession import next_key_id, retire_key
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)

@@ -39,18 +39,32 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import filescmd, keys, labcmd, runs, tls, transfercmd, vaultcmd, volume, wrapcmd
+    from trekeys.cli import (
+        backupcmd,
+        filescmd,
+        keys,
+        labcmd,
+        runs,
+        sshcmd,
+        tls,
+        transfercmd,
+        vaultcmd,
+        volume,
+        wrapcmd,
+    )
 
     for module in (
         labcmd,
         keys,
         runs,
+        filescmd,
         tls,
+        transfercmd,
         vaultcmd,
         volume,
-        filescmd,
-        transfercmd,
         wrapcmd,
+        backupcmd,
+        sshcmd,
     ):
         module.register(main)
 
