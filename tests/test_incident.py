@@ -15,6 +15,7 @@ import pytest
 
 from trekeys.depgraph import BackupExposure, SuspectSignature, find_impact
 from trekeys.errors import (
+    CredentialError,
     DependencyCycleError,
     IncidentError,
     KeyDestroyedError,
@@ -524,3 +525,59 @@ def test_planned_notifications_for_service(tre):
 def test_notifications_without_register_raise(tre):
     with pytest.raises(IncidentError, match="no stakeholder register"):
         load_stakeholders({})
+
+
+# Vault master rotation
+
+
+def test_vault_master_response_resplits_custody(bare_lab):
+    old_shares = bare_lab.share_files()
+    with bare_lab.open_vault() as vault:
+        old_fingerprint = vault.get(VAULT_MASTER_ID).fingerprint
+        old_split = vault.get(VAULT_MASTER_ID).attributes["split"]
+        plan, result = respond(bare_lab, vault, [VAULT_MASTER_ID])
+    assert [s.key_id for s in plan.steps] == [VAULT_MASTER_ID]
+    assert result.new_keys == {VAULT_MASTER_ID: [VAULT_MASTER_ID]}
+
+    retired = sorted((bare_lab.custodians_dir / f"retired-{old_split}").glob("*.share"))
+    assert [p.name for p in retired] == [p.name for p in old_shares]
+    with pytest.raises(CredentialError):
+        bare_lab.open_vault(retired[:2])
+
+    with bare_lab.open_vault() as vault:
+        current = vault.get(VAULT_MASTER_ID)
+        old = vault.get(f"{VAULT_MASTER_ID}/split-{old_split}")
+        share_rows = bare_lab.check_each_share(vault)
+    assert current.fingerprint != old_fingerprint
+    assert current.state is KeyState.ACTIVE
+    assert old.state is KeyState.COMPROMISED
+    assert old.fingerprint == old_fingerprint
+    assert all(row["valid"] for row in share_rows)
+
+
+def test_vault_master_rotation_keeps_keys_readable(tre):
+    with tre.open_vault() as vault:
+        secret = vault.read_secret("files/alice", "test")
+        rotators = {kind: "test_incident:rotate_test_key" for kind in KeyKind}
+        rotators[KeyKind.VAULT_MASTER] = "trekeys.rekey:rotate_key"
+        plan = build_plan(vault, VAULT_MASTER_ID, rotators=rotators)
+        execute_plan(tre, vault, plan, rotators=rotators)
+    with tre.open_vault() as vault:
+        assert vault.read_secret("files/alice", "test") == secret
+        assert vault.get("files/alice").state is KeyState.COMPROMISED
+        assert vault.get("files/alice.r1").state is KeyState.ACTIVE
+        assert vault.audit_log.verify(vault.meta["audit_head"]) > 0
+
+
+def test_deactivated_key_is_only_marked(tre):
+    with tre.open_vault() as vault:
+        vault.transition("files/alice", KeyState.DEACTIVATED, "user left")
+        plan, result = respond(tre, vault, ["wrap/alice"], rotators=TEST_ROTATORS)
+    assert [(s.key_id, s.rotator) for s in plan.steps] == [
+        ("wrap/alice", TEST_ROTATORS[KeyKind.WRAPPING]),
+        ("files/alice", ""),
+    ]
+    assert result.new_keys == {"wrap/alice": ["wrap/alice.r1"], "files/alice": []}
+    with tre.open_vault() as vault:
+        assert vault.get("files/alice").state is KeyState.COMPROMISED
+        assert "files/alice.r1" not in vault

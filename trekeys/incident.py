@@ -252,20 +252,27 @@ def build_plan(
     impact = find_impact(vault, key_ids)
     graph = DependencyGraph.from_vault(vault)
     ordered = order_keys(graph, impact.key_ids)
+    to_rotate = [k for k in ordered if needs_rotation(graph, k, impact.leaked)]
 
-    kinds = [graph.records[k].kind for k in ordered]
+    kinds = [graph.records[k].kind for k in to_rotate]
     for kind, target in missing_rotators(kinds, table).items():
-        affected = [k for k in ordered if graph.records[k].kind is kind]
+        affected = [k for k in to_rotate if graph.records[k].kind is kind]
         raise RotatorMissingError(kind.value, target, affected)
 
-    steps = []
-    for number, key_id in enumerate(ordered, start=1):
-        kind = graph.records[key_id].kind
-        actions = [Action(text, role) for text, role in KIND_ACTIONS[kind]]
+    steps: list[PlanStep] = []
+    for key_id in ordered:
+        record = graph.records[key_id]
+        if key_id in to_rotate:
+            actions = [Action(text, role) for text, role in KIND_ACTIONS[record.kind]]
+            rotator = table[record.kind]
+        elif record.state is KeyState.DEACTIVATED:
+            actions = [Action("mark the key compromised; it is no longer used", ISM)]
+            rotator = ""
+        else:
+            continue
         actions.extend(_certificate_actions(impact, key_id))
-        steps.append(
-            PlanStep(f"{number:02d}-{key_id}", key_id, kind.value, table[kind], actions)
-        )
+        step_id = f"{len(steps) + 1:02d}-{key_id}"
+        steps.append(PlanStep(step_id, key_id, record.kind.value, rotator, actions))
     return ResponsePlan(
         incident_id or new_incident_id(),
         list(impact.leaked),
@@ -273,6 +280,20 @@ def build_plan(
         steps,
         impact.to_dict(),
     )
+
+
+def needs_rotation(graph: DependencyGraph, key_id: str, leaked: Sequence[str]) -> bool:
+    """Return whether a compromised key must be replaced by its rotator.
+
+    A key that is no longer in use (deactivated) is only marked compromised. A
+    key already compromised was handled before, unless it is one of the
+    leaked keys: an operator may mark a leaked key compromised before the
+    response starts.
+    """
+    state = graph.records[key_id].state
+    if state is KeyState.DEACTIVATED:
+        return False
+    return state is not KeyState.COMPROMISED or key_id in leaked
 
 
 def _certificate_actions(impact: Impact, key_id: str) -> list[Action]:
@@ -360,9 +381,15 @@ def _run_step(
     reason = f"incident {plan.incident_id}: compromise of {', '.join(plan.leaked)}"
     logger.info("incident %s: starting step %s", plan.incident_id, step.id)
     try:
-        rotate = resolve_rotator(table.get(KeyKind(step.kind), step.rotator))
-        new_ids = list(rotate(lab, vault, step.key_id, reason=reason, compromised=True))
-        _mark_compromised(vault, step.key_id, reason)
+        new_ids: list[str] = []
+        if step.rotator:
+            rotate = resolve_rotator(table.get(KeyKind(step.kind), step.rotator))
+            new_ids = list(
+                rotate(lab, vault, step.key_id, reason=reason, compromised=True)
+            )
+        # A rotator that re-keys in place returns the same id for the new key.
+        if step.key_id not in new_ids:
+            _mark_compromised(vault, step.key_id, reason)
         missing = [k for k in new_ids if k not in vault]
         if missing:
             raise IncidentError(

@@ -586,6 +586,25 @@ class Vault:
         self._write_atomically()
         self._dirty = False
 
+    def change_credentials(self, credentials: VaultCredentials) -> None:
+        """Re-key the vault under new credentials and save it at once.
+
+        The KDF salt is renewed. Earlier generations keep the old credentials.
+        """
+        self._require_writable()
+        self._kp.password = credentials.password
+        self._kp.keyfile = str(credentials.keyfile) if credentials.keyfile else None
+        self._flush_audit()
+        self._write_atomically(rekey=True)
+        self._dirty = False
+
+        # Read the file back so that later saves reuse the new transformed key.
+        self._kp.read(
+            str(self.path), password=self._kp.password, keyfile=self._kp.keyfile
+        )
+        self._reindex()
+        logger.info("re-keyed vault %s under new credentials", self.path)
+
     @property
     def kdf_description(self) -> str:
         """The key derivation settings of the open vault file."""
@@ -698,10 +717,11 @@ class Vault:
         self._pending_audit = pending
         self.save()
 
-    def _write_atomically(self) -> None:
+    def _write_atomically(self, *, rekey: bool = False) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            self._kp.save(str(tmp), transformed_key=self._kp.transformed_key)
+            transformed = None if rekey else self._kp.transformed_key
+            self._kp.save(str(tmp), transformed_key=transformed)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             if self.path.exists():
