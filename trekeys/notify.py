@@ -192,13 +192,14 @@ def _draft(
         subject = f"Key compromise{label}: unplanned service interruption"
         opening = (
             "A cryptographic key of the TRE may have been disclosed. Keys are being "
-            "replaced now, and the services below may be unavailable while that runs."
+            "replaced now, and the data and services below may be unavailable "
+            "while that runs."
         )
     else:
         subject = f"Planned key rotation{label}: short service interruption"
         opening = (
-            "A scheduled key rotation will replace the keys below. The services "
-            "below may be briefly unavailable while that runs."
+            "A scheduled key rotation will replace the keys below. The data and "
+            "services below may be briefly unavailable while that runs."
         )
     affected = _lines_for(person.scope, impact, instances)
     body = "\n".join(
