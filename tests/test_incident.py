@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from trekeys.depgraph import BackupExposure, SuspectSignature, find_impact
+from trekeys.drills import run_drills
 from trekeys.errors import (
     CredentialError,
     DependencyCycleError,
@@ -39,6 +41,7 @@ from trekeys.notify import (
     load_stakeholders,
 )
 from trekeys.records import KeyKind, KeyRecord, KeyState
+from trekeys.rotation import find_due_keys, rotate_keys
 from trekeys.vault import Vault
 
 BACKUP_A1 = "backup:alpha/2026-11-01"
@@ -581,3 +584,85 @@ def test_deactivated_key_is_only_marked(tre):
     with tre.open_vault() as vault:
         assert vault.get("files/alice").state is KeyState.COMPROMISED
         assert "files/alice.r1" not in vault
+
+
+# Routine rotation
+
+
+def test_routine_rotation_deactivates_old_key(tre):
+    with tre.open_vault() as vault:
+        rotated = rotate_keys(
+            tre,
+            vault,
+            ["transfer/import"],
+            reason="cryptoperiod due",
+            rotators=TEST_ROTATORS,
+        )
+    assert rotated == {"transfer/import": ["transfer/import.r1"]}
+    with tre.open_vault() as vault:
+        assert vault.get("transfer/import").state is KeyState.DEACTIVATED
+        assert vault.get("transfer/import.r1").state is KeyState.ACTIVE
+
+
+def test_routine_rotation_lists_due_keys(tre):
+    with tre.open_vault() as vault:
+        record = vault.get("transfer/import")
+        record.cryptoperiod_days = 1
+        record.activated = record.created - timedelta(days=2)
+        vault.update(record)
+        due = find_due_keys(vault)
+    assert [(row["id"], row["rotator"]) for row in due] == [
+        ("transfer/import", "missing")
+    ]
+
+
+def test_routine_rotation_without_rotator_changes_nothing(tre):
+    before = hash_tree(tre.root)
+    with tre.open_vault() as vault, pytest.raises(RotatorMissingError):
+        rotate_keys(tre, vault, ["transfer/import"], reason="due")
+    assert hash_tree(tre.root) == before
+
+
+# Runbooks
+
+
+def test_runbooks_pass_twice_on_demo_lab(full_lab, tmp_path):
+    for attempt in ("first", "second"):
+        run = run_drills(
+            full_lab.root,
+            tmp_path / attempt,
+            names=["key-rotation", "compromise-response"],
+        )
+        outcomes = {d.name: (d.outcome, d.error) for d in run.drills}
+        assert outcomes == {
+            "key-rotation": ("passed", ""),
+            "compromise-response": ("passed", ""),
+        }
+
+
+def test_rotation_runbook_rotates_given_key(full_lab, tmp_path):
+    with full_lab.open_vault() as vault:
+        old_fingerprint = vault.get(VAULT_MASTER_ID).fingerprint
+    run = run_drills(
+        full_lab.root,
+        tmp_path / "reports",
+        names=["key-rotation"],
+        parameters={"rotate_keys": [VAULT_MASTER_ID]},
+    )
+    assert run.drills[0].outcome == "passed", run.drills[0].error
+    with full_lab.open_vault() as vault:
+        assert vault.get(VAULT_MASTER_ID).fingerprint != old_fingerprint
+        retired = [k for k in vault.ids() if k.startswith(f"{VAULT_MASTER_ID}/")]
+        assert [vault.get(k).state for k in retired] == [KeyState.DEACTIVATED]
+
+
+def test_compromise_runbook_dry_run_changes_nothing(full_lab, tmp_path):
+    before = hash_tree(full_lab.root)
+    run = run_drills(
+        full_lab.root,
+        tmp_path / "reports",
+        names=["compromise-response"],
+        parameters={"dry_run": True},
+    )
+    assert run.drills[0].outcome == "passed", run.drills[0].error
+    assert hash_tree(full_lab.root) == before
