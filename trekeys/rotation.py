@@ -1,7 +1,7 @@
 """Routine rotation of keys whose cryptoperiod has ended or is about to end.
 
 Rotation goes through the same per-kind rotators as a compromise response
-(`trekeys.incident.ROTATORS`), called with ``compromised=False``. The old key
+(`trekeys.response_plan.ROTATORS`), called with ``compromised=False``. The old key
 is deactivated afterwards, unless its rotator re-keyed it in place, so it can
 still process data it protected before (decrypt, verify) but protects nothing
 new, as NIST SP 800-57 Part 1 describes for the deactivated state.
@@ -14,10 +14,15 @@ from collections.abc import Mapping, Sequence
 
 from trekeys.depgraph import DependencyGraph
 from trekeys.errors import RotatorMissingError
-from trekeys.incident import ROTATORS, missing_rotators, order_keys, resolve_rotator
 from trekeys.inventory import build_inventory
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyState
+from trekeys.response_plan import (
+    ROTATORS,
+    missing_rotators,
+    order_keys,
+    resolve_rotator,
+)
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
