@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -48,19 +49,20 @@ def drill(names, lab_dir, out_dir, timeout, list_only) -> None:
 
     from tqdm import tqdm
 
-    chosen = list(names) or list(discover_notebooks())
-    with tqdm(
-        total=len(chosen), unit="drill", file=click.get_text_stream("stderr")
-    ) as bar:
+    total = len(names) if names else len(discover_notebooks())
+    with tqdm(total=total, unit="drill", file=sys.stderr) as bar:
+        started: list[str] = []
 
         def progress(name: str) -> None:
+            if started:
+                bar.update(1)
+            started.append(name)
             bar.set_description(name)
-            bar.update(0 if bar.n == 0 and bar.desc == name else 1)
 
         run = run_drills(
             lab_dir, out_dir, names=names or None, timeout=timeout, on_progress=progress
         )
-        bar.update(bar.total - bar.n)
+        bar.update(total - bar.n)
 
     for result in run.drills:
         click.echo(
