@@ -13,7 +13,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from trekeys.cli import main
 from trekeys.depgraph import BackupExposure, SuspectSignature, find_impact
 from trekeys.drills import run_drills
 from trekeys.errors import (
@@ -665,4 +667,54 @@ def test_compromise_runbook_dry_run_changes_nothing(full_lab, tmp_path):
         parameters={"dry_run": True},
     )
     assert run.drills[0].outcome == "passed", run.drills[0].error
+    assert hash_tree(full_lab.root) == before
+
+
+# Command line
+
+
+def test_cli_impact_lists_exposed_data(tre):
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["incident", "impact", "--lab", str(tre.root), "gpg/alpha"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"  {BACKUP_A1}: gpg/admin, gpg/admin-offline" in result.output
+    assert "encrypted home-directory backup alpha/2026-12-01" in result.output
+
+
+def test_cli_impact_unknown_key_exits_1(tre):
+    result = CliRunner().invoke(
+        main, ["incident", "impact", "--lab", str(tre.root), "nope/x"]
+    )
+    assert result.exit_code == 1
+    assert "Error: no key record with id 'nope/x'" in result.output
+
+
+def test_cli_plan_missing_rotator_exits_1(tre):
+    before = hash_tree(tre.root)
+    result = CliRunner().invoke(
+        main, ["incident", "plan", "--lab", str(tre.root), "tls/portal"]
+    )
+    assert result.exit_code == 1
+    assert "no rotator for tls-cert keys (tls/portal)" in result.output
+    assert hash_tree(tre.root) == before
+
+
+def test_cli_respond_dry_run_changes_nothing(full_lab):
+    before = hash_tree(full_lab.root)
+    result = CliRunner().invoke(
+        main,
+        [
+            "incident",
+            "respond",
+            "--lab",
+            str(full_lab.root),
+            "--dry-run",
+            VAULT_MASTER_ID,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "would run: 01-tre/vault-master" in result.output
+    assert "Subject: Key compromise inc-" in result.output
     assert hash_tree(full_lab.root) == before

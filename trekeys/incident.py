@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ResponseResult:
-    """What one run of `execute_plan` did."""
+    """The outcome of one `execute_plan` run: steps done, skipped or only planned."""
 
     incident_id: str
     dry_run: bool

@@ -1,9 +1,9 @@
 """Evidence for a compromise response or a routine rotation.
 
-The runbooks call these functions to choose the keys of a drill, to prove a
-dry run changed nothing, to check the outcome of a response from the records
-and the custody shares, to build the timeline of an incident and to list
-what is still open. None of them reads key material.
+The runbooks call these functions to choose the keys of a drill and to prove
+that a dry run changed nothing. They also check the outcome of a response
+from the records and the custody shares, build the timeline of an incident
+and list what is still open. None of them reads key material.
 """
 
 from __future__ import annotations

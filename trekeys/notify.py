@@ -1,8 +1,8 @@
 """The stakeholder register and the notifications of an incident or a rotation.
 
 The register lives in the lab configuration under ``stakeholders``: one entry
-per person with a role, a name, a contact and a scope. The scope says which
-part of the TRE concerns them: ``tre`` (everything), ``instance:<name>`` (a
+per person with a role, a name, a contact and a scope. The scope names the
+part of the TRE that concerns them: ``tre`` (everything), ``instance:<name>`` (a
 project instance's volume, files and backups) or ``service:<dns name>``.
 `build_notifications` picks the stakeholders that an impact concerns and
 writes one message per role, for unplanned unavailability (a compromise) or

@@ -1,4 +1,4 @@
-"""The response plan: which keys to replace, in which order, by whom and how.
+"""The response plan: the keys to replace, their order, roles and rotators.
 
 `build_plan` turns the impact of a compromise into one step per compromised
 key, in a safe order: a key that protects another is replaced first, so that
