@@ -18,6 +18,7 @@ collects what each reached key protects and signed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -131,8 +132,14 @@ class DependencyGraph:
         self.records = {record.id: record for record in records}
         self.edges: dict[str, list[str]] = {}
         self.unknown_refs: dict[str, list[str]] = {}
+        self._holders: dict[str, list[str]] = {}
+        self._signers: dict[str, list[str]] = {}
         for record in self.records.values():
             self.edges[record.id] = self._protected_keys(record)
+            for ref in record.protects:
+                self._holders.setdefault(ref, []).append(record.id)
+            for ref in record.signs:
+                self._signers.setdefault(ref, []).append(record.id)
 
     @classmethod
     def from_vault(cls, vault: Vault) -> DependencyGraph:
@@ -208,9 +215,9 @@ class DependencyGraph:
         material is gone from the vault.
         """
         paths: dict[str, tuple[str, ...]] = {}
-        queue: list[tuple[str, tuple[str, ...]]] = [(k, (k,)) for k in start]
+        queue: deque[tuple[str, tuple[str, ...]]] = deque((k, (k,)) for k in start)
         while queue:
-            key_id, route = queue.pop(0)
+            key_id, route = queue.popleft()
             if key_id in paths or self.records[key_id].is_tombstone:
                 continue
             paths[key_id] = route
@@ -219,14 +226,13 @@ class DependencyGraph:
 
     def signers_of(self, ref: str) -> list[str]:
         """Return the ids of the keys whose `signs` contains `ref`."""
-        return sorted(k for k, r in self.records.items() if ref in r.signs)
+        return sorted(self._signers.get(ref, []))
 
     def holders_of(self, ref: str, kind: KeyKind | None = None) -> list[str]:
         """Return the ids of the keys whose `protects` contains `ref`."""
+        holders = self._holders.get(ref, [])
         return sorted(
-            k
-            for k, r in self.records.items()
-            if ref in r.protects and (kind is None or r.kind is kind)
+            k for k in holders if kind is None or self.records[k].kind is kind
         )
 
 
@@ -242,8 +248,17 @@ def find_impact(vault: Vault, key_ids: str | Sequence[str]) -> Impact:
         KeyDestroyedError: a key is already destroyed.
         DependencyCycleError: the protection records form a cycle.
     """
+    return impact_from_graph(DependencyGraph.from_vault(vault), key_ids)
+
+
+def impact_from_graph(graph: DependencyGraph, key_ids: str | Sequence[str]) -> Impact:
+    """Work out what the compromise of `key_ids` exposes, from a built graph.
+
+    Raises:
+        RecordNotFoundError, KeyDestroyedError, DependencyCycleError: as
+            `find_impact`.
+    """
     leaked = [key_ids] if isinstance(key_ids, str) else list(key_ids)
-    graph = DependencyGraph.from_vault(vault)
     for key_id in leaked:
         graph.require_usable(key_id)
     graph.require_acyclic(leaked)

@@ -11,12 +11,13 @@ of the new keys.
 
 from __future__ import annotations
 
+import heapq
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trekeys.depgraph import DependencyGraph, Impact, find_impact
+from trekeys.depgraph import DependencyGraph, impact_from_graph
 from trekeys.errors import RotatorMissingError
 from trekeys.records import KeyKind, KeyState, utcnow
 from trekeys.vault import Vault
@@ -202,16 +203,40 @@ def missing_rotators(
 
 
 def order_keys(graph: DependencyGraph, key_ids: Sequence[str]) -> list[str]:
-    """Sort keys so that every key comes before the keys it protects."""
+    """Sort keys so that every key comes before the keys it protects.
+
+    Keys that do not protect each other are ordered by kind, then by id.
+
+    Raises:
+        DependencyCycleError: the keys protect each other in a cycle.
+    """
     chosen = set(key_ids)
-    waiting = {k: {p for p in chosen if k in graph.edges[p]} for k in chosen}
+    protectors = dict.fromkeys(chosen, 0)
+    for key_id in chosen:
+        for target in graph.edges[key_id]:
+            if target in chosen:
+                protectors[target] += 1
+
+    # Kahn's topological sort, taking the lowest (kind rank, id) that is ready.
+    ready = [_order_key(graph, k) for k, count in protectors.items() if count == 0]
+    heapq.heapify(ready)
     ordered: list[str] = []
-    while waiting:
-        ready = [k for k, before in waiting.items() if not before - set(ordered)]
-        ready.sort(key=lambda k: (_KIND_RANK[graph.records[k].kind], k))
-        ordered.append(ready[0])
-        del waiting[ready[0]]
+    while ready:
+        _, key_id = heapq.heappop(ready)
+        ordered.append(key_id)
+        for target in graph.edges[key_id]:
+            if target in chosen:
+                protectors[target] -= 1
+                if protectors[target] == 0:
+                    heapq.heappush(ready, _order_key(graph, target))
+
+    if len(ordered) < len(chosen):
+        graph.require_acyclic(sorted(chosen - set(ordered)))
     return ordered
+
+
+def _order_key(graph: DependencyGraph, key_id: str) -> tuple[int, str]:
+    return _KIND_RANK[graph.records[key_id].kind], key_id
 
 
 def build_plan(
@@ -228,9 +253,20 @@ def build_plan(
             `find_impact`.
         RotatorMissingError: a compromised key's kind has no installed rotator.
     """
-    table = ROTATORS if rotators is None else rotators
-    impact = find_impact(vault, key_ids)
     graph = DependencyGraph.from_vault(vault)
+    return plan_from_graph(graph, key_ids, rotators=rotators, incident_id=incident_id)
+
+
+def plan_from_graph(
+    graph: DependencyGraph,
+    key_ids: str | Sequence[str],
+    *,
+    rotators: Mapping[KeyKind, str] | None = None,
+    incident_id: str | None = None,
+) -> ResponsePlan:
+    """Build the response plan from a built dependency graph, as `build_plan`."""
+    table = ROTATORS if rotators is None else rotators
+    impact = impact_from_graph(graph, key_ids)
     ordered = order_keys(graph, impact.key_ids)
     to_rotate = [k for k in ordered if needs_rotation(graph, k, impact.leaked)]
 
@@ -239,10 +275,15 @@ def build_plan(
         affected = [k for k in to_rotate if graph.records[k].kind is kind]
         raise RotatorMissingError(kind.value, target, affected)
 
+    rotate_set = set(to_rotate)
+    signed_by: dict[str, list[str]] = {}
+    for signature in impact.signatures:
+        signed_by.setdefault(signature.signer, []).append(signature.ref)
+
     steps: list[PlanStep] = []
     for key_id in ordered:
         record = graph.records[key_id]
-        if key_id in to_rotate:
+        if key_id in rotate_set:
             actions = [Action(text, role) for text, role in KIND_ACTIONS[record.kind]]
             rotator = table[record.kind]
         elif record.state is KeyState.DEACTIVATED:
@@ -250,7 +291,11 @@ def build_plan(
             rotator = ""
         else:
             continue
-        actions.extend(_certificate_actions(impact, key_id))
+        if key_id in signed_by:
+            untrusted = ", ".join(signed_by[key_id])
+            actions.append(
+                Action(f"treat as untrusted until replaced: {untrusted}", ISM)
+            )
         step_id = f"{len(steps) + 1:02d}-{key_id}"
         steps.append(PlanStep(step_id, key_id, record.kind.value, rotator, actions))
     return ResponsePlan(
@@ -274,10 +319,3 @@ def needs_rotation(graph: DependencyGraph, key_id: str, leaked: Sequence[str]) -
     if state is KeyState.DEACTIVATED:
         return False
     return state is not KeyState.COMPROMISED or key_id in leaked
-
-
-def _certificate_actions(impact: Impact, key_id: str) -> list[Action]:
-    signed = [s.ref for s in impact.signatures if s.signer == key_id]
-    if not signed:
-        return []
-    return [Action(f"treat as untrusted until replaced: {', '.join(signed)}", ISM)]
