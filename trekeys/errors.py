@@ -40,6 +40,11 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── WeakPassphraseError   a passphrase is too easy to guess
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
+    ├── IncidentError             a compromise analysis or response failed
+    │   ├── KeyDestroyedError     the key is already a tombstone
+    │   ├── DependencyCycleError  key protection records form a cycle
+    │   ├── RotatorMissingError   no rotator is installed for a kind of key
+    │   └── ResponseStepError     a response step failed; the plan stopped
     └── DestinationExistsError    an output would overwrite existing data
 """
 
@@ -314,3 +319,65 @@ class TransferManifestError(IntegrityError):
         self.added = added
         self.removed = removed
         self.changed = changed
+
+
+class IncidentError(TrekeysError):
+    """A compromise impact analysis or response could not be carried out."""
+
+
+class KeyDestroyedError(IncidentError):
+    """The key is a tombstone: its material is gone and it cannot be rotated."""
+
+    def __init__(self, key_id: str, state: str) -> None:
+        super().__init__(
+            f"key {key_id} is already {state}: its material is gone, so there is "
+            "nothing to rotate; analyse the keys that replaced it instead."
+        )
+        self.key_id = key_id
+
+
+class DependencyCycleError(IncidentError):
+    """Key records protect each other in a cycle, so the impact has no order."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        super().__init__(
+            f"the key protection records form a cycle: {' -> '.join(cycle)}; "
+            "correct the 'protects' list of one of these keys."
+        )
+        self.cycle = cycle
+
+
+class RotatorMissingError(IncidentError):
+    """No rotator is installed for a kind of key that the response must rotate."""
+
+    def __init__(self, kind: str, target: str, key_ids: list[str]) -> None:
+        super().__init__(
+            f"no rotator for {kind} keys ({', '.join(key_ids)}): {target} is not "
+            "installed; install that trekeys module or rotate these keys by hand."
+        )
+        self.kind = kind
+        self.target = target
+        self.key_ids = key_ids
+
+
+class ResponseStepError(IncidentError):
+    """A response step failed; the plan stopped and can be resumed.
+
+    Attributes:
+        step: the id of the step that failed.
+        done: the ids of the steps finished, in this run or before.
+        not_done: the ids of the steps not finished, the failed one first.
+    """
+
+    def __init__(
+        self, incident_id: str, step: str, done: list[str], not_done: list[str]
+    ) -> None:
+        super().__init__(
+            f"incident {incident_id}: step {step} failed; {len(done)} steps done, "
+            f"{len(not_done)} not done; fix the cause and run the response again "
+            "to resume from this step."
+        )
+        self.incident_id = incident_id
+        self.step = step
+        self.done = done
+        self.not_done = not_done

@@ -50,6 +50,7 @@ LAB_STEPS: list[str] = [
     "trekeys.wrap:build_lab",
     "trekeys.ssh:build_lab",
     "trekeys.backup:build_lab",
+    "trekeys.incident:build_lab",
 ]
 
 DEMO_CUSTODIANS = (

@@ -42,6 +42,7 @@ def _register() -> None:
     from trekeys.cli import (
         backupcmd,
         filescmd,
+        incident,
         keys,
         labcmd,
         runs,
@@ -57,14 +58,15 @@ def _register() -> None:
         labcmd,
         keys,
         runs,
+        backupcmd,
         filescmd,
+        sshcmd,
         tls,
         transfercmd,
         vaultcmd,
         volume,
         wrapcmd,
-        backupcmd,
-        sshcmd,
+        incident,
     ):
         module.register(main)
 
