@@ -18,8 +18,10 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── StateTransitionError  a transition that NIST SP 800-57 forbids
     ├── AuditError                the audit chain is broken
     ├── IntegrityError            a ciphertext, header, manifest or backup fails
-    │                             verification
+    │   │                         verification
+    │   └── TranscriptError       a sealed ceremony transcript fails verification
     ├── PolicyError               an action the key management policy forbids
+    │   └── CeremonyError         a ceremony step without the roles it needs
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
     └── DestinationExistsError    an output would overwrite existing data
@@ -161,3 +163,20 @@ class DestinationExistsError(TrekeysError):
             f"{path} already exists; choose a new destination or move it away first."
         )
         self.path = path
+
+
+class TranscriptError(IntegrityError):
+    """A sealed ceremony transcript fails verification.
+
+    Attributes:
+        entry: the 1-based number of the first bad entry, or None when the
+            failure is in the seal rather than in one entry.
+    """
+
+    def __init__(self, message: str, *, entry: int | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+
+
+class CeremonyError(PolicyError):
+    """A ceremony cannot start or go on: a role, witness or step is missing."""

@@ -41,7 +41,9 @@ VAULT_MASTER_ID = "tre/vault-master"
 
 # Build steps of the capabilities, run in this order by `create_lab`. Each is
 # "module:function", and the function takes (lab, vault).
-LAB_STEPS: list[str] = []
+LAB_STEPS: list[str] = [
+    "trekeys.ceremony:build_lab",
+]
 
 DEMO_CUSTODIANS = (
     Custodian("TRE System Administrator", "Sam Admin"),

@@ -1,0 +1,466 @@
+"""Sealed ceremony transcripts: a hash-chained JSON Lines file with a signed seal.
+
+Each line is one entry in canonical JSON (sorted keys, no spaces). Its
+``hash`` is the SHA-256 of the previous entry's hash and the entry's own
+canonical JSON, so an edited, removed or reordered entry breaks the chain
+there. The verifier also requires every line to be exactly the canonical
+form, so that no byte of a line can change without being noticed.
+
+The last line is the seal. It signs a short statement (entry count, last
+hash, SHA-256 of all entry lines) with the Ed25519 ceremony-signing key from
+the vault and, when the offline media is present, with the offline admin
+OpenPGP key. Verification needs only the public keys, so it works offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from trekeys.errors import IntegrityError, RecordError, TranscriptError
+from trekeys.evidence import group_hex
+from trekeys.offline_signature import OfflineSigner, gpg_verify_detached
+from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
+from trekeys.vault import Vault
+
+logger = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+SIGNING_KEY_ID = "tre/ceremony-signing"
+FORMAT = "trekeys-ceremony-transcript/1"
+
+
+def canonical(value: dict[str, Any]) -> str:
+    """Return the canonical JSON text of an entry or seal, as hashed and stored."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _entry_hash(previous: str, body: dict[str, Any]) -> str:
+    return hashlib.sha256((previous + canonical(body)).encode("ascii")).hexdigest()
+
+
+class TranscriptJournal:
+    """The entries of one ceremony, appended to disk as they happen.
+
+    Each entry is written and fsynced before the call returns, so a crash
+    mid-ceremony keeps every step already recorded.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: list[dict[str, Any]] = []
+        self.sealed = False
+
+    @property
+    def head(self) -> str:
+        """The hash of the last entry, or the genesis value when empty."""
+        return self.entries[-1]["hash"] if self.entries else GENESIS
+
+    def append(self, entry_type: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Chain and write one entry, and return it."""
+        if self.sealed:
+            raise TranscriptError(
+                f"transcript {self.path} is sealed; start a new ceremony to record "
+                "more."
+            )
+        entry = {
+            **body,
+            "seq": len(self.entries) + 1,
+            "type": entry_type,
+            "time": utcnow().isoformat(),
+            "prev": self.head,
+        }
+        entry["hash"] = _entry_hash(self.head, entry)
+        self._write_line(canonical(entry))
+        self.entries.append(entry)
+        return entry
+
+    def _write_line(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="ascii") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def statement(self) -> bytes:
+        """Return the text that both seal signatures cover."""
+        return seal_statement(
+            len(self.entries),
+            self.head,
+            _lines_digest(canonical(e) for e in self.entries),
+        )
+
+    def seal(
+        self, vault: Vault, *, offline_signer: OfflineSigner | None = None
+    ) -> dict[str, Any]:
+        """Sign the transcript with the vault's ceremony-signing key and, if given,
+        the offline key; write the seal line; and log the seal in the audit log.
+
+        Raises:
+            RecordNotFoundError: the vault has no ceremony-signing key.
+        """
+        statement = self.statement()
+        private_key = _vault_private_key(vault, f"seal transcript {self.path.name}")
+        public_raw = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        seal: dict[str, Any] = {
+            "type": "seal",
+            "format": FORMAT,
+            "entries": len(self.entries),
+            "head": self.head,
+            "statement": statement.decode("ascii"),
+            "vault_signature": {
+                "key_id": SIGNING_KEY_ID,
+                "algorithm": "ed25519",
+                "public_key": base64.b64encode(public_raw).decode("ascii"),
+                "signature": base64.b64encode(private_key.sign(statement)).decode(),
+            },
+            "offline_signature": None,
+        }
+        if offline_signer is not None:
+            signed = offline_signer(statement)
+            seal["offline_signature"] = {
+                "fingerprint": signed.fingerprint,
+                "armored": signed.armored,
+                "status": signed.status,
+            }
+        self._write_line(canonical(seal))
+        self.sealed = True
+
+        detail = "with the offline key too" if offline_signer else "vault key only"
+        vault.record_operation("seal-transcript", SIGNING_KEY_ID, "success", detail)
+        logger.info("sealed transcript %s (%s)", self.path, detail)
+        return seal
+
+
+def seal_statement(count: int, head: str, lines_sha256: str) -> bytes:
+    """Return the statement a seal signs: entry count, last hash, digest of lines."""
+    return (
+        f"{FORMAT}\nentries: {count}\nhead: {head}\nlines-sha256: {lines_sha256}\n"
+    ).encode("ascii")
+
+
+def _lines_digest(lines: Iterator[str] | list[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+def _vault_private_key(vault: Vault, reason: str) -> Ed25519PrivateKey:
+    # The only place where the ceremony-signing key's bytes are handled.
+    raw = vault.read_secret(SIGNING_KEY_ID, reason)
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def create_signing_key(vault: Vault, *, cryptoperiod_days: int = 730) -> KeyRecord:
+    """Create the Ed25519 ceremony-signing key in the vault and return its record.
+
+    Raises:
+        RecordError: the key already exists.
+    """
+    private_key = Ed25519PrivateKey.generate()
+    raw = private_key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+    public_raw = private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    record = KeyRecord(
+        id=SIGNING_KEY_ID,
+        kind=KeyKind.SIGNING,
+        purpose="Signs the sealed transcripts of key ceremonies.",
+        owner="tre",
+        custodian="Information Security Manager",
+        cryptoperiod_days=cryptoperiod_days,
+        fingerprint=hashlib.sha256(public_raw).hexdigest(),
+        algorithm="ed25519",
+        strength_bits=128,
+        locations=["vault"],
+        attributes={"public_key": base64.b64encode(public_raw).decode("ascii")},
+    )
+    record.transition(KeyState.ACTIVE, "created to seal ceremony transcripts")
+    vault.add(record, raw)
+    return record
+
+
+def signing_public_key(vault: Vault) -> bytes:
+    """Return the raw public key of the ceremony-signing key, from its record.
+
+    Raises:
+        RecordError: the record holds no public key.
+    """
+    record = vault.get(SIGNING_KEY_ID)
+    encoded = record.attributes.get("public_key")
+    if not encoded:
+        raise RecordError(f"key {SIGNING_KEY_ID} has no public key in its record.")
+    return base64.b64decode(encoded)
+
+
+def public_key_pem(public_raw: bytes) -> str:
+    """Return a raw Ed25519 public key as PEM, to publish beside the transcripts."""
+    key = Ed25519PublicKey.from_public_bytes(public_raw)
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def load_public_key_pem(path: Path) -> bytes:
+    """Read an Ed25519 public key from a PEM file and return its raw bytes.
+
+    Raises:
+        IntegrityError: the file holds no Ed25519 public key.
+    """
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(
+            f"{path} is not a readable PEM public key; export it again with "
+            "'trekeys ceremony public-key'."
+        ) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise IntegrityError(f"{path} is not an Ed25519 public key.")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass
+class Verification:
+    """What a successful verification established.
+
+    Attributes:
+        entries: the number of chained entries.
+        head: the hash of the last entry.
+        signer: the SHA-256 of the vault key that signed, grouped for reading aloud.
+        offline: "verified", "absent" (the seal has none) or "not checked"
+            (no GNUPGHOME was given).
+        offline_status: gpg's status lines when the offline signature was checked.
+    """
+
+    entries: int
+    head: str
+    signer: str
+    offline: str
+    offline_status: str = ""
+
+
+def parse_lines(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read a transcript, check its chain, and return its entries and seal.
+
+    Raises:
+        TranscriptError: naming the first entry that is malformed, not in
+            canonical form, or breaks the chain, or saying the seal is missing.
+    """
+    try:
+        lines = Path(path).read_text(encoding="ascii").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TranscriptError(
+            f"transcript {path} cannot be read as ASCII JSON Lines; it was damaged "
+            "or is not a transcript."
+        ) from exc
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise TranscriptError(f"transcript {path} is empty.")
+
+    entries = [_parse_entry(path, number, line) for number, line in enumerate(lines, 1)]
+    seal = entries.pop()
+    if seal.get("type") != "seal":
+        raise TranscriptError(
+            f"transcript {path} is not sealed: its last line is entry "
+            f"{len(entries) + 1}, not a seal; seal the ceremony before relying on it."
+        )
+    _check_chain(path, entries)
+    return entries, seal
+
+
+def _parse_entry(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TranscriptError(
+            f"transcript {path} entry {number} is not valid JSON: it was edited.",
+            entry=number,
+        ) from exc
+    if not isinstance(value, dict) or canonical(value) != line:
+        raise TranscriptError(
+            f"transcript {path} entry {number} is not in canonical form: it was "
+            "edited.",
+            entry=number,
+        )
+    return value
+
+
+def _check_chain(path: Path, entries: list[dict[str, Any]]) -> None:
+    previous = GENESIS
+    for number, entry in enumerate(entries, 1):
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        label = _entry_label(entry)
+        if entry.get("seq") != number or entry.get("prev") != previous:
+            raise TranscriptError(
+                f"transcript {path} entry {number} ({label}) does not follow entry "
+                f"{number - 1}: an entry was removed, inserted or reordered.",
+                entry=number,
+            )
+        if _entry_hash(previous, body) != entry.get("hash"):
+            raise TranscriptError(
+                f"transcript {path} entry {number} ({label}) was edited: its hash "
+                "does not match its content.",
+                entry=number,
+            )
+        previous = entry["hash"]
+
+
+def _entry_label(entry: dict[str, Any]) -> str:
+    kind = str(entry.get("type", "unknown"))
+    step = entry.get("step_id")
+    return f"{kind} {step}" if step else kind
+
+
+def verify_transcript(
+    path: Path,
+    public_key: bytes,
+    *,
+    gnupghome: Path | None = None,
+    offline_fingerprint: str | None = None,
+) -> Verification:
+    """Check a sealed transcript's chain, its vault signature and its offline one.
+
+    Args:
+        path: the transcript file.
+        public_key: the trusted raw Ed25519 public key of the signing key.
+        gnupghome: a GNUPGHOME holding the offline admin public key; without
+            it the offline signature is reported as "not checked".
+        offline_fingerprint: the expected offline key; the seal's own is used
+            only when this is None.
+
+    Raises:
+        TranscriptError: the chain, the seal or a signature does not verify.
+    """
+    entries, seal = parse_lines(path)
+    head = entries[-1]["hash"] if entries else GENESIS
+    statement = seal_statement(
+        len(entries), head, _lines_digest(canonical(e) for e in entries)
+    )
+    if seal.get("statement") != statement.decode("ascii"):
+        raise TranscriptError(
+            f"transcript {path}: the seal covers a different transcript (entry count, "
+            "last hash or lines); entries were added, removed or changed after sealing."
+        )
+
+    _verify_vault_signature(path, seal, statement, public_key)
+    offline, status = _verify_offline(
+        path, seal, statement, gnupghome, offline_fingerprint
+    )
+    return Verification(
+        entries=len(entries),
+        head=head,
+        signer=group_hex(hashlib.sha256(public_key).hexdigest()),
+        offline=offline,
+        offline_status=status,
+    )
+
+
+def _verify_vault_signature(
+    path: Path, seal: dict[str, Any], statement: bytes, public_key: bytes
+) -> None:
+    signed = seal.get("vault_signature") or {}
+    try:
+        signature = base64.b64decode(signed.get("signature", ""), validate=True)
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, statement)
+    except (InvalidSignature, ValueError) as exc:
+        raise TranscriptError(
+            f"transcript {path}: the vault signature does not verify with the trusted "
+            f"key {group_hex(hashlib.sha256(public_key).hexdigest())[:19]}...; the "
+            "seal was changed or another key signed it."
+        ) from exc
+
+
+def _verify_offline(
+    path: Path,
+    seal: dict[str, Any],
+    statement: bytes,
+    gnupghome: Path | None,
+    expected: str | None,
+) -> tuple[str, str]:
+    signed = seal.get("offline_signature")
+    if not signed:
+        return "absent", ""
+    if gnupghome is None:
+        return "not checked", ""
+    fingerprint = expected or str(signed.get("fingerprint", ""))
+    try:
+        status = gpg_verify_detached(
+            gnupghome, fingerprint, statement, str(signed.get("armored", ""))
+        )
+    except IntegrityError as exc:
+        raise TranscriptError(f"transcript {path}: {exc}") from exc
+    return "verified", status
+
+
+def read_transcript(
+    path: Path, vault: Vault, reason: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Return a sealed transcript's entries and seal, and log the access.
+
+    The access is queued in the vault's audit log even when the transcript
+    fails its chain check, since a failed read is also an access.
+    """
+    try:
+        entries, seal = parse_lines(path)
+    except TranscriptError as exc:
+        vault.record_operation(
+            "read-transcript", f"transcript:{Path(path).name}", "failure", str(exc)
+        )
+        raise
+    vault.record_operation(
+        "read-transcript", f"transcript:{Path(path).name}", "success", reason
+    )
+    return entries, seal
+
+
+def verify_with_vault(
+    path: Path,
+    vault: Vault,
+    *,
+    gnupghome: Path | None = None,
+    offline_fingerprint: str | None = None,
+) -> Verification:
+    """Verify a transcript against the vault's signing key and log the access.
+
+    Raises:
+        TranscriptError: the transcript fails verification; the failure is
+            logged in the audit log too.
+    """
+    target = f"transcript:{Path(path).name}"
+    try:
+        result = verify_transcript(
+            path,
+            signing_public_key(vault),
+            gnupghome=gnupghome,
+            offline_fingerprint=offline_fingerprint,
+        )
+    except TranscriptError as exc:
+        vault.record_operation("verify-transcript", target, "failure", str(exc))
+        raise
+    vault.record_operation(
+        "verify-transcript", target, "success", f"{result.entries} entries"
+    )
+    return result
