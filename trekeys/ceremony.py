@@ -23,12 +23,8 @@ from trekeys.evidence import ToolOutput, file_manifest, group_hex, sha256_file
 from trekeys.lab import Lab
 from trekeys.offline_signature import OfflineSigner
 from trekeys.procedures import CUSTODIAN, Procedure, get_procedure
-from trekeys.transcript import (
-    TranscriptJournal,
-    create_signing_key,
-    public_key_pem,
-    signing_public_key,
-)
+from trekeys.signing_key import create_signing_key, public_key_pem, signing_public_key
+from trekeys.transcript import TranscriptJournal, load_journal
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
@@ -169,6 +165,55 @@ class Ceremony:
         logger.info("ceremony %s started in %s", script.name, folder)
         return ceremony
 
+    @classmethod
+    def resume(cls, folder: Path) -> Ceremony:
+        """Reopen an unsealed ceremony from its transcript, to record more steps.
+
+        The transcript is the only state, so a ceremony driven step by step
+        from the command line picks up exactly what was recorded.
+
+        Raises:
+            TranscriptError: the transcript is damaged or already sealed.
+            CeremonyError: the folder holds no ceremony.
+        """
+        path = Path(folder) / TRANSCRIPT_NAME
+        if not path.is_file():
+            raise CeremonyError(
+                f"{folder} holds no ceremony transcript; start one with "
+                "'trekeys ceremony start'."
+            )
+        journal = load_journal(path)
+        start = journal.entries[0]
+        ceremony = cls(
+            get_procedure(start["procedure"]),
+            [Participant.from_dict(p) for p in start["participants"]],
+            Path(folder),
+            dry_run=bool(start.get("dry_run")),
+        )
+        ceremony.journal = journal
+        for entry in journal.entries[1:]:
+            ceremony._replay(entry)
+        return ceremony
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        kind = entry["type"]
+        if kind == "join":
+            participant = Participant.from_dict(entry["participant"])
+            self.present[participant.name] = participant
+        elif kind == "leave":
+            self.present.pop(entry["participant"]["name"], None)
+        elif kind == "step":
+            self._done.add(entry["step_id"])
+            self._allowed_extra.discard(entry["step_id"])
+            for produced in entry.get("files", []):
+                path = (self.folder / produced["path"]).resolve()
+                self._files[str(path)] = (entry["step_id"], produced["sha256"])
+        elif kind == "deviation":
+            if entry.get("skipped"):
+                self._done.add(entry["step_id"])
+            elif self.procedure.step(entry["step_id"]) is None:
+                self._allowed_extra.add(entry["step_id"])
+
     # Participants
 
     def participant(self, name: str) -> Participant:
@@ -246,9 +291,13 @@ class Ceremony:
 
         produced = []
         for path in files:
-            digest = sha256_file(path)
-            self._files[str(Path(path).resolve())] = (step_id, digest)
-            produced.append({"path": str(path), "sha256": digest})
+            resolved = Path(path).resolve()
+            digest = sha256_file(resolved)
+            self._files[str(resolved)] = (step_id, digest)
+            shown = resolved
+            if resolved.is_relative_to(self.folder.resolve()):
+                shown = resolved.relative_to(self.folder.resolve())
+            produced.append({"path": str(shown), "sha256": digest})
         entry = self._append(
             "step",
             {

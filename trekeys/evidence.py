@@ -16,11 +16,14 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from trekeys.errors import ToolError, ToolMissingError
+from trekeys.inventory import DEFAULT_WARNING_DAYS, build_row
+from trekeys.records import utcnow
+from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
 
@@ -211,3 +214,24 @@ def file_manifest(
             }
         )
     return rows
+
+
+def capture_for_keys(
+    command: Sequence[str], vault: Vault, key_ids: Iterable[str], reason: str
+) -> ToolOutput:
+    """Run a tool and remove the material of `key_ids` from its output.
+
+    The caller names keys, never handles their bytes; each read is audited.
+    """
+    secrets = [vault.read_secret(key_id, reason) for key_id in key_ids]
+    return capture_tool_output(command, secrets=secrets)
+
+
+def inventory_rows(vault: Vault, key_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Return the inventory rows of the keys that exist, as evidence of a change."""
+    now = utcnow()
+    return [
+        asdict(build_row(vault.get(key_id), now, DEFAULT_WARNING_DAYS))
+        for key_id in key_ids
+        if key_id in vault
+    ]

@@ -27,20 +27,19 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
-from trekeys.errors import IntegrityError, RecordError, TranscriptError
+from trekeys.errors import IntegrityError, TranscriptError
 from trekeys.evidence import group_hex
 from trekeys.offline_signature import OfflineSigner, gpg_verify_detached
-from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
+from trekeys.records import utcnow
+from trekeys.signing_key import SIGNING_KEY_ID, signing_public_key, vault_private_key
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-SIGNING_KEY_ID = "tre/ceremony-signing"
 FORMAT = "trekeys-ceremony-transcript/1"
 
 
@@ -115,7 +114,7 @@ class TranscriptJournal:
             RecordNotFoundError: the vault has no ceremony-signing key.
         """
         statement = self.statement()
-        private_key = _vault_private_key(vault, f"seal transcript {self.path.name}")
+        private_key = vault_private_key(vault, f"seal transcript {self.path.name}")
         public_raw = private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
@@ -163,84 +162,6 @@ def _lines_digest(lines: Iterator[str] | list[str]) -> str:
     return digest.hexdigest()
 
 
-def _vault_private_key(vault: Vault, reason: str) -> Ed25519PrivateKey:
-    # The only place where the ceremony-signing key's bytes are handled.
-    raw = vault.read_secret(SIGNING_KEY_ID, reason)
-    return Ed25519PrivateKey.from_private_bytes(raw)
-
-
-def create_signing_key(vault: Vault, *, cryptoperiod_days: int = 730) -> KeyRecord:
-    """Create the Ed25519 ceremony-signing key in the vault and return its record.
-
-    Raises:
-        RecordError: the key already exists.
-    """
-    private_key = Ed25519PrivateKey.generate()
-    raw = private_key.private_bytes(
-        serialization.Encoding.Raw,
-        serialization.PrivateFormat.Raw,
-        serialization.NoEncryption(),
-    )
-    public_raw = private_key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    record = KeyRecord(
-        id=SIGNING_KEY_ID,
-        kind=KeyKind.SIGNING,
-        purpose="Signs the sealed transcripts of key ceremonies.",
-        owner="tre",
-        custodian="Information Security Manager",
-        cryptoperiod_days=cryptoperiod_days,
-        fingerprint=hashlib.sha256(public_raw).hexdigest(),
-        algorithm="ed25519",
-        strength_bits=128,
-        locations=["vault"],
-        attributes={"public_key": base64.b64encode(public_raw).decode("ascii")},
-    )
-    record.transition(KeyState.ACTIVE, "created to seal ceremony transcripts")
-    vault.add(record, raw)
-    return record
-
-
-def signing_public_key(vault: Vault) -> bytes:
-    """Return the raw public key of the ceremony-signing key, from its record.
-
-    Raises:
-        RecordError: the record holds no public key.
-    """
-    record = vault.get(SIGNING_KEY_ID)
-    encoded = record.attributes.get("public_key")
-    if not encoded:
-        raise RecordError(f"key {SIGNING_KEY_ID} has no public key in its record.")
-    return base64.b64decode(encoded)
-
-
-def public_key_pem(public_raw: bytes) -> str:
-    """Return a raw Ed25519 public key as PEM, to publish beside the transcripts."""
-    key = Ed25519PublicKey.from_public_bytes(public_raw)
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
-
-
-def load_public_key_pem(path: Path) -> bytes:
-    """Read an Ed25519 public key from a PEM file and return its raw bytes.
-
-    Raises:
-        IntegrityError: the file holds no Ed25519 public key.
-    """
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(
-            f"{path} is not a readable PEM public key; export it again with "
-            "'trekeys ceremony public-key'."
-        ) from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise IntegrityError(f"{path} is not an Ed25519 public key.")
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
 @dataclass
 class Verification:
     """What a successful verification established.
@@ -261,13 +182,25 @@ class Verification:
     offline_status: str = ""
 
 
-def parse_lines(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Read a transcript, check its chain, and return its entries and seal.
+def load_journal(path: Path) -> TranscriptJournal:
+    """Reopen the journal of an unsealed ceremony, checking its chain first.
 
     Raises:
-        TranscriptError: naming the first entry that is malformed, not in
-            canonical form, or breaks the chain, or saying the seal is missing.
+        TranscriptError: the journal is damaged, or already sealed.
     """
+    journal = TranscriptJournal(path)
+    lines = _read_lines(path)
+    entries = [_parse_entry(path, number, line) for number, line in enumerate(lines, 1)]
+    if entries and entries[-1].get("type") == "seal":
+        raise TranscriptError(
+            f"transcript {path} is sealed; start a new ceremony to record more."
+        )
+    _check_chain(path, entries)
+    journal.entries = entries
+    return journal
+
+
+def _read_lines(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="ascii").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
@@ -279,7 +212,17 @@ def parse_lines(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         lines.pop()
     if not lines:
         raise TranscriptError(f"transcript {path} is empty.")
+    return lines
 
+
+def parse_lines(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read a transcript, check its chain, and return its entries and seal.
+
+    Raises:
+        TranscriptError: naming the first entry that is malformed, not in
+            canonical form, or breaks the chain, or saying the seal is missing.
+    """
+    lines = _read_lines(path)
     entries = [_parse_entry(path, number, line) for number, line in enumerate(lines, 1)]
     seal = entries.pop()
     if seal.get("type") != "seal":
