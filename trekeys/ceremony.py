@@ -362,7 +362,7 @@ class Ceremony:
             self._done.add(step_id)
         elif self.procedure.step(step_id) is None:
             self._allowed_extra.add(step_id)
-        logger.warning("ceremony deviation at step %s: %s", step_id, what_happened)
+        logger.info("ceremony deviation at step %s: %s", step_id, what_happened)
         return entry
 
     def skip(

@@ -81,6 +81,16 @@ def redact(text: str, secrets: Iterable[bytes | str]) -> str:
     return text
 
 
+def _decode_redacted(data: bytes, secrets: list[bytes | str]) -> str:
+    # Binary secrets are removed from the raw bytes first: once decoded with
+    # replacement characters they could no longer be found.
+    for secret in secrets:
+        raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        if len(raw) >= _MIN_SECRET_LENGTH:
+            data = data.replace(raw, REDACTED.encode("ascii"))
+    return redact(data.decode("utf-8", "replace"), secrets)
+
+
 @dataclass(frozen=True)
 class ToolOutput:
     """The verbatim, redacted output of one tool run.
@@ -135,8 +145,8 @@ def capture_tool_output(
     output = ToolOutput(
         command=tuple(command),
         returncode=result.returncode,
-        stdout=redact(result.stdout.decode("utf-8", "replace"), secret_list),
-        stderr=redact(result.stderr.decode("utf-8", "replace"), secret_list),
+        stdout=_decode_redacted(result.stdout, secret_list),
+        stderr=_decode_redacted(result.stderr, secret_list),
     )
     if check and result.returncode != 0:
         raise ToolError(

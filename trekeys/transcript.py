@@ -124,28 +124,41 @@ class TranscriptJournal:
             "entries": len(self.entries),
             "head": self.head,
             "statement": statement.decode("ascii"),
+            "offline_signature": None,
             "vault_signature": {
                 "key_id": SIGNING_KEY_ID,
                 "algorithm": "ed25519",
                 "public_key": base64.b64encode(public_raw).decode("ascii"),
-                "signature": base64.b64encode(private_key.sign(statement)).decode(),
             },
-            "offline_signature": None,
         }
+        # The offline key signs the statement first, so that the vault key's
+        # signature covers every other byte of the seal, the offline one too.
         if offline_signer is not None:
             signed = offline_signer(statement)
             seal["offline_signature"] = {
                 "fingerprint": signed.fingerprint,
                 "armored": signed.armored,
-                "status": signed.status,
             }
+        signature = private_key.sign(_signed_part(seal))
+        seal["vault_signature"]["signature"] = base64.b64encode(signature).decode()
         self._write_line(canonical(seal))
         self.sealed = True
 
         detail = "with the offline key too" if offline_signer else "vault key only"
-        vault.record_operation("seal-transcript", SIGNING_KEY_ID, "success", detail)
+        vault.record_operation(
+            "seal-transcript", transcript_ref(self.path), "success", detail
+        )
         logger.info("sealed transcript %s (%s)", self.path, detail)
         return seal
+
+
+def _signed_part(seal: dict[str, Any]) -> bytes:
+    """Return the bytes the vault key signs: the seal without its own signature."""
+    unsigned = dict(seal)
+    unsigned["vault_signature"] = {
+        k: v for k, v in (seal.get("vault_signature") or {}).items() if k != "signature"
+    }
+    return canonical(unsigned).encode("ascii")
 
 
 def seal_statement(count: int, head: str, lines_sha256: str) -> bytes:
@@ -308,7 +321,7 @@ def verify_transcript(
             "last hash or lines); entries were added, removed or changed after sealing."
         )
 
-    _verify_vault_signature(path, seal, statement, public_key)
+    _verify_vault_signature(path, seal, public_key)
     offline, status = _verify_offline(
         path, seal, statement, gnupghome, offline_fingerprint
     )
@@ -322,12 +335,14 @@ def verify_transcript(
 
 
 def _verify_vault_signature(
-    path: Path, seal: dict[str, Any], statement: bytes, public_key: bytes
+    path: Path, seal: dict[str, Any], public_key: bytes
 ) -> None:
     signed = seal.get("vault_signature") or {}
     try:
         signature = base64.b64decode(signed.get("signature", ""), validate=True)
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, statement)
+        Ed25519PublicKey.from_public_bytes(public_key).verify(
+            signature, _signed_part(seal)
+        )
     except (InvalidSignature, ValueError) as exc:
         raise TranscriptError(
             f"transcript {path}: the vault signature does not verify with the trusted "
@@ -370,13 +385,17 @@ def read_transcript(
         entries, seal = parse_lines(path)
     except TranscriptError as exc:
         vault.record_operation(
-            "read-transcript", f"transcript:{Path(path).name}", "failure", str(exc)
+            "read-transcript", transcript_ref(path), "failure", str(exc)
         )
         raise
-    vault.record_operation(
-        "read-transcript", f"transcript:{Path(path).name}", "success", reason
-    )
+    vault.record_operation("read-transcript", transcript_ref(path), "success", reason)
     return entries, seal
+
+
+def transcript_ref(path: Path) -> str:
+    """Return how the audit log names a transcript: its folder and file name."""
+    path = Path(path).resolve()
+    return f"transcript:{path.parent.name}/{path.name}"
 
 
 def verify_with_vault(
@@ -392,7 +411,7 @@ def verify_with_vault(
         TranscriptError: the transcript fails verification; the failure is
             logged in the audit log too.
     """
-    target = f"transcript:{Path(path).name}"
+    target = transcript_ref(path)
     try:
         result = verify_transcript(
             path,

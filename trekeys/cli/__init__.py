@@ -39,9 +39,9 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import keys, labcmd, runs
+    from trekeys.cli import ceremony, keys, labcmd, runs
 
-    for module in (labcmd, keys, runs):
+    for module in (labcmd, keys, runs, ceremony):
         module.register(main)
 
 
