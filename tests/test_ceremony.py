@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from trekeys.ceremony import Ceremony, Participant, start_lab_ceremony
 from trekeys.cli import main
+from trekeys.drills import run_drills
 from trekeys.errors import CeremonyError, ToolError, TranscriptError
 from trekeys.evidence import (
     REDACTED,
@@ -752,3 +753,22 @@ def test_cli_participants_file_invalid(lab: Lab, tmp_path: Path):
     assert result.exit_code == 1
     assert "needs both a role and a name" in result.output
     assert not (tmp_path / "c").exists()
+
+
+# The runbook
+
+
+def test_ceremony_notebook_passes_twice(full_lab: Lab, tmp_path: Path):
+    for attempt in (1, 2):
+        run = run_drills(full_lab.root, tmp_path / "reports", names=["ceremony-ca-key"])
+        assert run.passed, (attempt, run.drills[0].error)
+        transcripts = list(run.folder.glob("ceremonies/ca-creation-*/transcript.jsonl"))
+        assert len(transcripts) == 1
+        checks = {c["name"]: c["passed"] for c in run.drills[0].checks}
+        assert checks["one changed byte fails and names the entry"] is True
+        assert verify_transcript(transcripts[0], trusted_key(full_lab)).entries == 10
+
+    with full_lab.open_vault(read_only=True) as vault:
+        scratch = [r for r in vault.find(kind="tls-ca") if r.id.startswith("scratch/")]
+    assert len(scratch) == 2
+    assert all(record.is_tombstone for record in scratch)

@@ -23,6 +23,7 @@ from trekeys.evidence import ToolOutput, file_manifest, group_hex, sha256_file
 from trekeys.lab import Lab
 from trekeys.offline_signature import OfflineSigner
 from trekeys.procedures import CUSTODIAN, Procedure, get_procedure
+from trekeys.records import utcnow
 from trekeys.signing_key import create_signing_key, public_key_pem, signing_public_key
 from trekeys.transcript import TranscriptJournal, load_journal
 from trekeys.vault import Vault
@@ -481,6 +482,20 @@ class Ceremony:
 
 def _evidence_dict(item: ToolOutput | dict[str, Any]) -> dict[str, Any]:
     return item.to_dict() if isinstance(item, ToolOutput) else dict(item)
+
+
+def new_ceremony_folder(base: Path, procedure: str) -> Path:
+    """Create and return a new folder ``<procedure>-<UTC time>`` under `base`."""
+    stamp = utcnow().strftime("%Y%m%dt%H%M%Sz")
+    base.mkdir(parents=True, exist_ok=True)
+    for suffix in ["", *(f"-{n}" for n in range(1, 100))]:
+        folder = base / f"{procedure}-{stamp}{suffix}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise CeremonyError(f"could not create a new ceremony folder in {base}.")
 
 
 def start_lab_ceremony(

@@ -28,25 +28,19 @@ logger = logging.getLogger(__name__)
 SCRATCH_PREFIX = "scratch/"
 
 
-def create_scratch_ca(
-    vault: Vault, key_id: str, common_name: str, certificate_path: Path
-) -> KeyRecord:
-    """Create a P-256 CA key in the vault and write its self-signed certificate.
+def create_scratch_ca(vault: Vault, key_id: str, common_name: str) -> KeyRecord:
+    """Create a P-256 CA key and its self-signed certificate in the vault.
 
-    The private key goes only into the vault; the certificate (public) is
-    written to `certificate_path`, which must not exist yet.
+    The certificate is kept as the entry's ``certificate.pem`` attachment.
 
     Raises:
         RecordError: `key_id` is not under ``scratch/`` or already exists.
-        DestinationExistsError: `certificate_path` exists.
     """
     if not key_id.startswith(SCRATCH_PREFIX):
         raise RecordError(
             f"scratch key id {key_id!r} must start with {SCRATCH_PREFIX!r} so that it "
             "can never be mistaken for a key in service."
         )
-    if Path(certificate_path).exists():
-        raise DestinationExistsError(Path(certificate_path))
 
     private_key = ec.generate_private_key(ec.SECP256R1())
     now = utcnow()
@@ -84,9 +78,22 @@ def create_scratch_ca(
     )
     record.transition(KeyState.ACTIVE, "scratch key for a dry-run ceremony")
     vault.add(record, key_pem, attachments={"certificate.pem": pem})
-    _write_new(Path(certificate_path), pem)
     logger.info("created scratch CA key %s", key_id)
     return record
+
+
+def export_certificate(vault: Vault, key_id: str, path: Path) -> Path:
+    """Write the certificate of a CA key in the vault to a new file `path`.
+
+    Raises:
+        DestinationExistsError: `path` exists.
+        RecordError: the key has no certificate.
+    """
+    path = Path(path)
+    if path.exists():
+        raise DestinationExistsError(path)
+    _write_new(path, vault.read_attachment(key_id, "certificate.pem"))
+    return path
 
 
 def destroy_scratch_key(vault: Vault, key_id: str, reason: str) -> KeyRecord:
