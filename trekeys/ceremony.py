@@ -12,8 +12,7 @@ once written, cannot be changed; a correction is a new deviation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,13 @@ from trekeys.errors import CeremonyError
 from trekeys.evidence import ToolOutput, file_manifest, group_hex, sha256_file
 from trekeys.lab import Lab
 from trekeys.offline_signature import OfflineSigner
-from trekeys.procedures import CUSTODIAN, Procedure, get_procedure
+from trekeys.procedures import (
+    Participant,
+    Procedure,
+    describe_missing,
+    get_procedure,
+    missing_roles,
+)
 from trekeys.records import utcnow
 from trekeys.signing_key import create_signing_key, public_key_pem, signing_public_key
 from trekeys.transcript import TranscriptJournal, load_journal
@@ -34,60 +39,6 @@ TRANSCRIPT_NAME = "transcript.jsonl"
 # Where the lab publishes the ceremony-signing public key for offline verifiers.
 PUBLISHED_DIR = "published"
 PUBLIC_KEY_NAME = "ceremony-signing.pem"
-
-
-@dataclass(frozen=True)
-class Participant:
-    """A person present at a ceremony, in one policy role.
-
-    Attributes:
-        role: a policy role, such as ``Information Security Manager``.
-        name: the person's name, as they sign the paper log.
-        custodian: whether the person holds a custody share or key file.
-    """
-
-    role: str
-    name: str
-    custodian: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "name": self.name, "custodian": self.custodian}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Participant:
-        """Build a participant from a mapping with role, name and custodian.
-
-        Raises:
-            CeremonyError: the role or name is missing.
-        """
-        role = str(data.get("role", "")).strip()
-        name = str(data.get("name", "")).strip()
-        if not role or not name:
-            raise CeremonyError(
-                f"participant {dict(data)!r} needs both a role and a name; add the "
-                "missing one to the participants file."
-            )
-        return cls(role, name, bool(data.get("custodian", False)))
-
-
-def missing_roles(
-    procedure: Procedure, participants: Iterable[Participant]
-) -> dict[str, int]:
-    """Return, per role, how many more participants the procedure needs."""
-    present = list(participants)
-    missing = {}
-    for role, needed in procedure.required_roles.items():
-        if role == CUSTODIAN:
-            count = sum(1 for p in present if p.custodian)
-        else:
-            count = sum(1 for p in present if p.role == role)
-        if count < needed:
-            missing[role] = needed - count
-    return missing
-
-
-def _describe_missing(missing: Mapping[str, int]) -> str:
-    return ", ".join(f"{count} more {role}" for role, count in missing.items())
 
 
 class Ceremony:
@@ -141,7 +92,7 @@ class Ceremony:
         if missing:
             raise CeremonyError(
                 f"ceremony {script.name} cannot start: it needs "
-                f"{_describe_missing(missing)}; bring them in and start again."
+                f"{describe_missing(missing)}; bring them in and start again."
             )
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()):
@@ -436,7 +387,7 @@ class Ceremony:
         if missing:
             raise CeremonyError(
                 f"ceremony {self.procedure.name} cannot go on: it needs "
-                f"{_describe_missing(missing)}; wait until they return or record "
+                f"{describe_missing(missing)}; wait until they return or record "
                 "the interruption as a deviation and stop."
             )
 

@@ -9,8 +9,9 @@ be performed. A state-changing step needs a witness in another role.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from trekeys.errors import CeremonyError
 
@@ -174,6 +175,61 @@ PROCEDURES: dict[str, Procedure] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class Participant:
+    """A person present at a ceremony, in one policy role.
+
+    Attributes:
+        role: a policy role, such as ``Information Security Manager``.
+        name: the person's name, as they sign the paper log.
+        custodian: whether the person holds a custody share or key file.
+    """
+
+    role: str
+    name: str
+    custodian: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "name": self.name, "custodian": self.custodian}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Participant:
+        """Build a participant from a mapping with role, name and custodian.
+
+        Raises:
+            CeremonyError: the role or name is missing.
+        """
+        role = str(data.get("role", "")).strip()
+        name = str(data.get("name", "")).strip()
+        if not role or not name:
+            raise CeremonyError(
+                f"participant {dict(data)!r} needs both a role and a name; add the "
+                "missing one to the participants file."
+            )
+        return cls(role, name, bool(data.get("custodian", False)))
+
+
+def missing_roles(
+    procedure: Procedure, participants: Iterable[Participant]
+) -> dict[str, int]:
+    """Return, per role, how many more participants the procedure needs."""
+    present = list(participants)
+    missing = {}
+    for role, needed in procedure.required_roles.items():
+        if role == CUSTODIAN:
+            count = sum(1 for p in present if p.custodian)
+        else:
+            count = sum(1 for p in present if p.role == role)
+        if count < needed:
+            missing[role] = needed - count
+    return missing
+
+
+def describe_missing(missing: Mapping[str, int]) -> str:
+    """Return the missing roles as text, such as "1 more Operations Manager"."""
+    return ", ".join(f"{count} more {role}" for role, count in missing.items())
 
 
 def get_procedure(name: str) -> Procedure:
