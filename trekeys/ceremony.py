@@ -36,7 +36,8 @@ from trekeys.vault import Vault
 logger = logging.getLogger(__name__)
 
 TRANSCRIPT_NAME = "transcript.jsonl"
-# Where the lab publishes the ceremony-signing public key for offline verifiers.
+# Folder and file name of the ceremony-signing public key that the lab publishes
+# for offline verifiers.
 PUBLISHED_DIR = "published"
 PUBLIC_KEY_NAME = "ceremony-signing.pem"
 

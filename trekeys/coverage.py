@@ -6,10 +6,10 @@ attributes. The coverage table lists every key that still protects data,
 with its last proof, and flags proofs older than the configured interval and
 keys never proven at all.
 
-The custody check here tests each custodian's share on its own: a share
-counts as good only if it rebuilds the master secret together with other
-shares, so that one bad share is named even while a threshold of good ones
-still opens the vault, and a good share is never blamed for a bad neighbour.
+The custody check here tests each custodian's share on its own. A share counts
+as good only if it rebuilds the master secret together with other shares. So
+one bad share is named even while a threshold of good ones still opens the
+vault, and a good share is never blamed for a bad neighbour.
 """
 
 from __future__ import annotations

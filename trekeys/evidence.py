@@ -2,10 +2,11 @@
 
 A witness reads the narrative, but an auditor wants the tools' own words. This
 module runs a tool and keeps its output verbatim, except that every secret
-given to `redact` is replaced first, in the encodings a tool or a log might
-print it in (raw text, hex in either case, standard and URL-safe base64, and
-each line of a PEM body). It also hashes the files a run produced and groups
-hex digests into blocks of four so that two people can read them aloud.
+given to `redact` is replaced first. Redaction covers the encodings a tool or
+a log may print a secret in: raw text, hex in either case, standard and
+URL-safe base64, and each line of a PEM body. The module also hashes the
+files a run produced and groups hex digests into blocks of four so that two
+people can read them aloud.
 """
 
 from __future__ import annotations

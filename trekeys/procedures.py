@@ -1,10 +1,11 @@
 """The approved scripts of the key ceremonies: roles required and planned steps.
 
 A ceremony follows one of these scripts. Each names the roles that must be
-present for the whole ceremony (the key management policy gives the
-Information Security Manager the compromise and recovery plan, and the vault
-is opened by custodians holding shares), and the steps in the order they must
-be performed. A state-changing step needs a witness in another role.
+present for the whole ceremony and the steps in the order they must be
+performed. The key management policy gives the Information Security Manager
+the compromise and recovery plan, and custodians holding shares open the
+vault, so those roles appear here. A state-changing step needs a witness in
+another role.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Evidence is kept for a configurable period (seven years by default, a
 common span for audit records). Pruning removes whole run folders older than
 that, but never the latest passing report of any drill, however old: it is
-the last proof that the drill's procedure works. Folders whose age cannot be
-told are kept and listed, never guessed at.
+the last proof that the drill's procedure works. Folders of unknown age are
+kept and listed, never guessed at.
 
 A run folder holds a ``summary.json`` (``{"passed": bool, "drills": [{"name",
 "outcome", "started", ...}]}``). A ceremony folder holds a sealed
@@ -40,7 +40,7 @@ def retention_period(years: float = DEFAULT_RETENTION_YEARS) -> timedelta:
 
 @dataclass
 class PrunePlan:
-    """What a prune removes and what it keeps, with the reason for each kept folder."""
+    """The folders a prune removes and the folders it keeps, each with a reason."""
 
     remove: list[Path] = field(default_factory=list)
     keep: dict[Path, str] = field(default_factory=dict)
@@ -58,7 +58,7 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def folder_time(folder: Path) -> datetime | None:
-    """Return when a run or ceremony folder was made, or None if it cannot be told.
+    """Return when a run or ceremony folder was made, or None if it is unknown.
 
     The dated folder name comes first, then the earliest drill start in
     ``summary.json``, then the first transcript entry.

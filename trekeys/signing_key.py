@@ -1,8 +1,8 @@
 """The Ed25519 ceremony-signing key: created in the vault, used only to seal.
 
-The private key never leaves this module except into the vault; verifiers
-need only the public key, which the key record carries and the lab publishes
-as PEM, so that a transcript can be checked on a machine without the vault.
+The private key never leaves this module except into the vault. Verifiers
+need only the public key. The key record carries it and the lab publishes it
+as PEM, so a transcript can be checked on a machine without the vault.
 """
 
 from __future__ import annotations

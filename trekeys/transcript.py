@@ -107,8 +107,10 @@ class TranscriptJournal:
     def seal(
         self, vault: Vault, *, offline_signer: OfflineSigner | None = None
     ) -> dict[str, Any]:
-        """Sign the transcript with the vault's ceremony-signing key and, if given,
-        the offline key; write the seal line; and log the seal in the audit log.
+        """Sign the transcript and write the seal line, then log the seal.
+
+        The vault's ceremony-signing key always signs. The offline key signs too
+        when `offline_signer` is given.
 
         Raises:
             RecordNotFoundError: the vault has no ceremony-signing key.
@@ -177,7 +179,7 @@ def _lines_digest(lines: Iterator[str] | list[str]) -> str:
 
 @dataclass
 class Verification:
-    """What a successful verification established.
+    """The facts that a successful verification established.
 
     Attributes:
         entries: the number of chained entries.
