@@ -45,6 +45,8 @@ _MIN_SECRET_LENGTH = 6
 
 def secret_forms(secret: bytes | str) -> set[str]:
     """Return the printable forms of a secret that redaction removes."""
+    # NOTE: colon-separated hex wrapped over lines, as `openssl pkey -text`
+    # prints keys, is not among these forms and is not removed.
     raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     forms = {
         raw.hex(),
