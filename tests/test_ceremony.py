@@ -772,3 +772,72 @@ def test_ceremony_notebook_passes_twice(full_lab: Lab, tmp_path: Path):
         scratch = [r for r in vault.find(kind="tls-ca") if r.id.startswith("scratch/")]
     assert len(scratch) == 2
     assert all(record.is_tombstone for record in scratch)
+
+
+def test_luks_volume_key_dump_redacted(tmp_path: Path):
+    image = tmp_path / "volume.img"
+    image.write_bytes(b"\0" * (20 * 1024 * 1024))
+    volume_key = os.urandom(64)
+    key_file = tmp_path / "volume.key"
+    key_file.write_bytes(volume_key)
+    key_file.chmod(0o600)
+    passphrase = b"ceremony test passphrase"
+    subprocess.run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--type",
+            "luks2",
+            "--batch-mode",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--volume-key-file",
+            str(key_file),
+            "--key-file",
+            "-",
+            str(image),
+        ],
+        input=passphrase,
+        check=True,
+        capture_output=True,
+    )
+    key_file.unlink()
+
+    header = capture_tool_output(["cryptsetup", "luksDump", str(image)])
+    dump = capture_tool_output(
+        [
+            "cryptsetup",
+            "luksDump",
+            "--dump-volume-key",
+            "--batch-mode",
+            "--key-file",
+            "-",
+            str(image),
+        ],
+        secrets=[volume_key, passphrase],
+        stdin=passphrase,
+    )
+
+    assert "LUKS header information" in header.stdout
+    assert "MK dump:" in dump.stdout
+    assert REDACTED in dump.stdout
+    spaced = " ".join(f"{byte:02x}" for byte in volume_key[:16])
+    assert spaced not in dump.stdout
+    assert volume_key[-4:].hex() not in dump.stdout.replace(" ", "")
+    assert "ceremony test passphrase" not in dump.stdout + dump.stderr
+
+
+def test_redact_colon_hex_over_lines():
+    secret = bytes(range(100, 140))
+    pairs = [f"{byte:02x}" for byte in secret]
+    printed = "priv:\n    " + ":\n    ".join(
+        ":".join(pairs[i : i + 15]) for i in range(0, len(pairs), 15)
+    )
+    cleaned = redact(printed, [secret])
+    assert cleaned == f"priv:\n    {REDACTED}"
+
+
+def test_redact_ignores_empty_secret():
+    assert redact("nothing secret here", [b"", ""]) == "nothing secret here"

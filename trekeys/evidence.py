@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -45,8 +46,6 @@ _MIN_SECRET_LENGTH = 6
 
 def secret_forms(secret: bytes | str) -> set[str]:
     """Return the printable forms of a secret that redaction removes."""
-    # NOTE: colon-separated hex wrapped over lines, as `openssl pkey -text`
-    # prints keys, is not among these forms and is not removed.
     raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     forms = {
         raw.hex(),
@@ -76,12 +75,25 @@ def redact(text: str, secrets: Iterable[bytes | str]) -> str:
     Longer forms are replaced first, so that a secret that contains another
     one leaves no fragment behind.
     """
+    secret_list = list(secrets)
     forms: set[str] = set()
-    for secret in secrets:
+    for secret in secret_list:
         forms |= secret_forms(secret)
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, REDACTED)
+
+    for secret in secret_list:
+        raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        if len(raw) >= _MIN_SECRET_LENGTH:
+            text = _separated_hex_pattern(raw).sub(REDACTED, text)
     return text
+
+
+def _separated_hex_pattern(raw: bytes) -> re.Pattern[str]:
+    """Return a pattern for `raw` as hex bytes split by spaces, colons or line
+    breaks, the way ``cryptsetup luksDump --dump-volume-key`` prints a key."""
+    pairs = [re.escape(f"{byte:02x}") for byte in raw]
+    return re.compile(r"[\s:]*".join(pairs), re.IGNORECASE)
 
 
 def _decode_redacted(data: bytes, secrets: list[bytes | str]) -> str:
