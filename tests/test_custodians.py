@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from trekeys.cli import main
 from trekeys.coverage import (
     check_lab_shares,
     check_shares_individually,
@@ -267,3 +270,60 @@ def test_all_shares_valid_on_fresh_lab(lab: Lab):
     with lab.open_vault() as vault:
         rows = check_lab_shares(lab.share_files(), lab.threshold, vault)
     assert [row["valid"] for row in rows] == [True, True, True]
+
+
+def test_lab_check_reports_bad_share(lab: Lab):
+    bad = lab.custodians_dir / "operations-manager.share"
+    replace_with_foreign_share(bad)
+    good = [f for f in lab.share_files() if f != bad]
+
+    with lab.open_vault(good) as vault:
+        rows = {row["custodian"]: row for row in lab.check_each_share(vault)}
+
+    assert rows["operations-manager"]["valid"] is False
+
+
+# The command line
+
+
+def test_cli_register_lists_departure(lab: Lab):
+    with lab.open_vault() as vault:
+        record_departure(vault, "Omar Operations", "left")
+    result = CliRunner().invoke(
+        main, ["ceremony", "register", "list", "--lab", str(lab.root), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert len(data["register"]) == 5
+    assert data["actions"][0]["custodian"] == "Omar Operations"
+    assert data["actions"][0]["action"].startswith("re-split required")
+
+
+def test_cli_coverage_lists_keys(lab: Lab):
+    with lab.open_vault() as vault:
+        record_recovery_proof(vault, "tre/vault-master", "reports/run-1")
+    result = CliRunner().invoke(main, ["ceremony", "coverage", "--lab", str(lab.root)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()}
+    assert lines["tre/vault-master"][0] == "proven"
+    assert lines["tre/vault-master"][-1] == "reports/run-1"
+    assert lines["tre/ceremony-signing"][:2] == ["never", "proven"]
+
+
+def test_cli_prune_lists_without_yes(lab: Lab, tmp_path: Path):
+    old = tmp_path / "reports" / "2010-01-01T000000Z"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text(
+        json.dumps({"passed": False, "drills": [{"name": "a", "outcome": "failed"}]})
+    )
+    runner = CliRunner()
+    args = ["ceremony", "prune", str(tmp_path / "reports"), "--lab", str(lab.root)]
+
+    listed = runner.invoke(main, args)
+    assert listed.exit_code == 0, listed.output
+    assert f"would remove {old}" in listed.output
+    assert old.exists()
+
+    removed = runner.invoke(main, [*args, "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert not old.exists()
