@@ -51,6 +51,7 @@ LAB_STEPS: list[str] = [
     "trekeys.ssh:build_lab",
     "trekeys.backup:build_lab",
     "trekeys.incident:build_lab",
+    "trekeys.ceremony:build_lab",
 ]
 
 DEMO_CUSTODIANS = (

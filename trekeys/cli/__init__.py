@@ -41,6 +41,7 @@ def main(verbose: int) -> None:
 def _register() -> None:
     from trekeys.cli import (
         backupcmd,
+        ceremony,
         filescmd,
         incident,
         keys,
@@ -60,13 +61,14 @@ def _register() -> None:
         runs,
         backupcmd,
         filescmd,
+        incident,
         sshcmd,
         tls,
         transfercmd,
         vaultcmd,
         volume,
         wrapcmd,
-        incident,
+        ceremony,
     ):
         module.register(main)
 
