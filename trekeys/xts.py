@@ -36,7 +36,8 @@ _GROUP = 32
 _MASK32 = np.uint64(0xFFFFFFFF)
 _POLY = np.uint64(0x87)
 _1 = np.uint64(1)
-_63 = np.uint64(63)
+_2 = np.uint64(2)
+_7 = np.uint64(7)
 IV_SCHEMES = ("plain64", "plain")
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 
@@ -103,9 +104,13 @@ class XtsDecryptor:
         rows = self.chunk_sectors * self._groups
         self._tweaks = np.empty((rows, _GROUP, 2), dtype=np.uint64)
         self._masked = np.empty_like(self._tweaks)
-        self._lo, self._hi, self._carry_lo, self._carry_hi = (
-            np.empty(rows, dtype=np.uint64) for _ in range(4)
+        self._overflow, self._reduction, self._term = (
+            np.empty((_GROUP, rows), dtype=np.uint64) for _ in range(3)
         )
+        self._block_major = np.empty((_GROUP, rows, 2), dtype=np.uint64)
+        shifts = np.arange(_GROUP, dtype=np.uint64)[:, None]
+        self._shifts = shifts
+        self._back = np.uint64(63) - shifts
         self._plain = bytearray(self.chunk_sectors * sector_size + BLOCK)
 
     def decrypt(
@@ -194,32 +199,37 @@ class XtsDecryptor:
         self._expand(base_lo.reshape(-1), base_hi.reshape(-1))
 
     def _expand(self, base_lo: np.ndarray, base_hi: np.ndarray) -> None:
-        """Fill the 32 tweaks of each group by doubling its first tweak 31 times.
+        """Multiply each group's first tweak by alpha**r, r = 0..31, in one pass.
 
-        Each doubling is a handful of numpy calls over every group of the chunk
-        at once, so the per-call cost is spread over thousands of tweaks.
+        The work runs block-major, shape (32, groups), so that every numpy call
+        is a long contiguous loop with one shift per row; one transposing copy
+        then puts the tweaks in data order. Shifting right by (64 - r) is done
+        as (x >> 1) >> (63 - r) because a shift by 64 is undefined.
         """
         rows = len(base_lo)
-        tweaks = self._tweaks[:rows]
-        lo = self._lo[:rows]
-        hi = self._hi[:rows]
-        carry_lo = self._carry_lo[:rows]
-        carry_hi = self._carry_hi[:rows]
-        lo[:] = base_lo
-        hi[:] = base_hi
-        tweaks[:, 0, 0] = lo
-        tweaks[:, 0, 1] = hi
+        overflow = self._overflow[:, :rows]
+        reduction = self._reduction[:, :rows]
+        term = self._term[:, :rows]
+        block_major = self._block_major[:, :rows]
+        shifts, back = self._shifts, self._back
 
-        for block in range(1, _GROUP):
-            np.right_shift(lo, _63, out=carry_lo)
-            np.right_shift(hi, _63, out=carry_hi)
-            np.left_shift(hi, _1, out=hi)
-            hi |= carry_lo
-            np.left_shift(lo, _1, out=lo)
-            np.multiply(carry_hi, _POLY, out=carry_hi)
-            lo ^= carry_hi
-            tweaks[:, block, 0] = lo
-            tweaks[:, block, 1] = hi
+        # The reduction of the bits shifted out of the top: clmul(overflow, 0x87).
+        np.right_shift((base_hi >> _1)[None, :], back, out=overflow)
+        np.left_shift(overflow, _1, out=reduction)
+        reduction ^= overflow
+        np.left_shift(overflow, _2, out=term)
+        reduction ^= term
+        np.left_shift(overflow, _7, out=term)
+        reduction ^= term
+
+        np.left_shift(base_lo[None, :], shifts, out=term)
+        np.bitwise_xor(term, reduction, out=block_major[..., 0])
+        np.right_shift((base_lo >> _1)[None, :], back, out=overflow)
+        np.left_shift(base_hi[None, :], shifts, out=term)
+        np.bitwise_or(term, overflow, out=block_major[..., 1])
+
+        wide = self._tweaks[:rows].view(np.complex128).reshape(rows, _GROUP)
+        np.copyto(wide, block_major.view(np.complex128).reshape(_GROUP, rows).T)
 
 
 def _check_parameters(volume_key: bytes, sector_size: int, iv_scheme: str) -> None:
@@ -267,16 +277,22 @@ def decrypt_stream(
         )
     chunk = max(sector, chunk_bytes - chunk_bytes % sector)
 
+    # Both buffers are reused for every chunk, so memory stays at two chunks.
+    incoming = bytearray(chunk)
+    outgoing = bytearray(chunk)
     done = 0
     while done < length:
         wanted = min(chunk, length - done)
-        data = source.read(wanted)
-        if len(data) != wanted:
+        view = memoryview(incoming)[:wanted]
+        got = source.readinto(view)
+        if got != wanted:
             raise IntegrityError(
-                f"the volume image ended after {done + len(data)} of {length} bytes "
+                f"the volume image ended after {done + (got or 0)} of {length} bytes "
                 "of its data segment; it is truncated."
             )
-        target.write(decryptor.decrypt(data, first_sector + done // sector))
+        result = memoryview(outgoing)[:wanted]
+        decryptor.decrypt_into(view, first_sector + done // sector, result)
+        target.write(result)
         done += wanted
         if progress is not None:
             progress(done)
