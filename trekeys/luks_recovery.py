@@ -151,7 +151,7 @@ def remove_stale_scratch(lab: Lab) -> list[Path]:
     Each scratch folder holds the process id of its drill in ``owner.pid``;
     folders of running processes are left alone.
     """
-    removed = []
+    removed: list[Path] = []
     if not lab.work_dir.is_dir():
         return removed
     for folder in lab.work_dir.glob(f"{SCRATCH_PREFIX}*"):

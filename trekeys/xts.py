@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -251,9 +251,21 @@ def _check_parameters(volume_key: bytes, sector_size: int, iv_scheme: str) -> No
         )
 
 
+class Readable(Protocol):
+    """A binary file that reads into a caller's buffer."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class Writable(Protocol):
+    """A binary file, or anything with a binary ``write``."""
+
+    def write(self, data: memoryview, /) -> int | None: ...
+
+
 def decrypt_stream(
-    source: BinaryIO,
-    target: BinaryIO,
+    source: Readable,
+    target: Writable,
     decryptor: XtsDecryptor,
     *,
     length: int,
