@@ -153,7 +153,7 @@ def test_provision_refuses_existing_luks_device(full_lab: Lab) -> None:
     device = full_lab.instance_dir("alpha") / "volume.img"
     before = sha256_of(device)
     with full_lab.open_vault() as vault:
-        with pytest.raises(Exception, match="already holds a LUKS volume"):
+        with pytest.raises(Exception, match="already contains a LUKS volume"):
             provision_volume(
                 full_lab,
                 vault,
@@ -271,7 +271,7 @@ def test_not_luks_device_is_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(NotLuksError, match="not a LUKS volume"):
         read_header(device)
-    with pytest.raises(NotLuksError, match="holds no LUKS header"):
+    with pytest.raises(NotLuksError, match="contains no LUKS header"):
         verify_key(device, b"any key")
 
     assert sha256_of(device) == before

@@ -3,7 +3,7 @@
 Each project instance has one LUKS2 volume with two keyslots: the boot key,
 a key file that the instance's virtual machine unlocks the volume with at
 boot, and the recovery passphrase that the key manager holds (policy 4.1.1).
-The vault holds both, the volume key itself, the LUKS UUID and segment
+The vault stores both, the volume key itself, the LUKS UUID and segment
 metadata, a verified header backup and, for demo volumes, a manifest of the
 files on the volume. Recovery lives in `trekeys.luks_recovery` and key
 rotation in `trekeys.luks_lifecycle`.
@@ -150,7 +150,7 @@ def provision_volume(
 
     Raises:
         DestinationExistsError: the image, or the boot key file, exists.
-        VolumeError: `device` already holds a LUKS volume.
+        VolumeError: `device` already contains a LUKS volume.
         RecordError: the instance already has volume keys in the vault.
     """
     kdf = kdf or KdfSettings.production()
@@ -220,7 +220,7 @@ def _check_not_luks(device: Path) -> None:
     with device.open("rb") as handle:
         if handle.read(6) == b"LUKS\xba\xbe":
             raise VolumeError(
-                f"{device} already holds a LUKS volume; destroy it with 'trekeys "
+                f"{device} already contains a LUKS volume; destroy it with 'trekeys "
                 "volume destroy' or choose another device."
             )
 

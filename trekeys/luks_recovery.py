@@ -102,7 +102,7 @@ def decrypt_segment(
 
 
 def compare_with_manifest(folder: Path, manifest: list[dict[str, object]]) -> int:
-    """Check that `folder` holds exactly the manifest's files, sizes and hashes.
+    """Check that `folder` contains exactly the manifest's files, sizes and hashes.
 
     Returns:
         The number of files checked.
@@ -148,7 +148,7 @@ def compare_with_manifest(folder: Path, manifest: list[dict[str, object]]) -> in
 def remove_stale_scratch(lab: Lab) -> list[Path]:
     """Remove scratch folders whose drill process is gone (a killed kernel).
 
-    Each scratch folder holds the process id of its drill in ``owner.pid``;
+    Each scratch folder stores the process id of its drill in ``owner.pid``;
     folders of running processes are left alone.
     """
     removed: list[Path] = []
@@ -341,7 +341,7 @@ def _state_of(path: Path) -> tuple[int, int]:
 
 @dataclass
 class DrillOutcome:
-    """What one complete recovery drill proved."""
+    """The results of one complete recovery drill."""
 
     instance: str
     uuid: str

@@ -1,10 +1,10 @@
 """User-space AES-XTS decryption of LUKS data segments, many sectors per call.
 
-dm-crypt encrypts each sector with AES-XTS (IEEE 1619): the sector number,
+dm-crypt encrypts each sector with AES-XTS (IEEE 1619). The sector number,
 as a 128-bit little-endian integer ("plain64"), is encrypted under the second
-half of the volume key to give the tweak of the sector's first 16-byte block,
-and each following block's tweak is the previous one multiplied by alpha in
-GF(2^128). Creating one cipher object per sector is slow, so this module
+half of the volume key. The result is the tweak of the sector's first 16-byte
+block, and each following block's tweak is the previous one multiplied by
+alpha in GF(2^128). Creating one cipher object per sector is slow, so this module
 computes the tweaks of a whole chunk of sectors at once: one AES-ECB call
 under the tweak key for the first tweaks, a vectorised numpy expansion for
 the rest, then XOR, one AES-ECB decryption under the data key, and XOR again.
@@ -27,7 +27,7 @@ from trekeys.errors import IntegrityError
 logger = logging.getLogger(__name__)
 
 BLOCK = 16
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 512 << 10
 
 # Tweaks are expanded in groups of this many blocks: multiplying by alpha^r
 # for r < 32 overflows by fewer than 32 bits, so the reduction by the XTS
@@ -73,7 +73,7 @@ class XtsDecryptor:
         large_iv: count IV sector numbers in `sector_size` units (dm-crypt's
             ``iv_large_sectors``) instead of 512-byte units. LUKS2 volumes
             made by cryptsetup 2.x count in 512-byte units.
-        chunk_bytes: the most data decrypted in one pass.
+        chunk_bytes: the maximum number of bytes decrypted in one pass.
 
     Raises:
         IntegrityError: the key length, sector size or IV scheme is unsupported.
