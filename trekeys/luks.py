@@ -172,26 +172,18 @@ def provision_volume(
     manifest: list[dict[str, object]] | None = None
     if source_dir is not None:
         manifest = build_manifest(source_dir)
-        build_ext4_image(source_dir, device, fs_bytes, reduce_size(keyslots_bytes))
-        header = encrypt_in_place(
-            device,
-            boot_key,
-            kdf=kdf,
-            sector_size=sector_size,
-            keyslots_bytes=keyslots_bytes,
+    try:
+        header = _create_volume(
+            device, boot_key, source_dir, fs_bytes, kdf, sector_size, keyslots_bytes
         )
-    else:
-        _check_not_luks(device)
-        header = format_volume(
-            device,
-            boot_key,
-            kdf=kdf,
-            sector_size=sector_size,
-            keyslots_bytes=keyslots_bytes,
-        )
-    boot_slot = int(next(iter(header.keyslots)))
-    passphrase_slot = add_keyslot(device, boot_key, passphrase.encode(), kdf=kdf)
-    volume_key = dump_volume_key(device, passphrase.encode())
+        boot_slot = int(next(iter(header.keyslots)))
+        passphrase_slot = add_keyslot(device, boot_key, passphrase.encode(), kdf=kdf)
+        volume_key = dump_volume_key(device, passphrase.encode())
+    except BaseException:
+        # An image that this call created is useless without its keys.
+        if source_dir is not None:
+            device.unlink(missing_ok=True)
+        raise
     write_boot_key(boot_key_file, boot_key)
 
     header = read_header(device)
@@ -214,6 +206,36 @@ def provision_volume(
     refresh_header_backup(lab, vault, ids.volume)
     logger.info("provisioned LUKS2 volume %s for instance %s", header.uuid, instance)
     return ids
+
+
+def _create_volume(
+    device: Path,
+    boot_key: bytes,
+    source_dir: Path | None,
+    fs_bytes: int,
+    kdf: KdfSettings,
+    sector_size: int,
+    keyslots_bytes: int,
+) -> LuksHeader:
+    """Format `device`, or build it from `source_dir` and encrypt it in place."""
+    if source_dir is None:
+        _check_not_luks(device)
+        return format_volume(
+            device,
+            boot_key,
+            kdf=kdf,
+            sector_size=sector_size,
+            keyslots_bytes=keyslots_bytes,
+        )
+
+    build_ext4_image(source_dir, device, fs_bytes, reduce_size(keyslots_bytes))
+    return encrypt_in_place(
+        device,
+        boot_key,
+        kdf=kdf,
+        sector_size=sector_size,
+        keyslots_bytes=keyslots_bytes,
+    )
 
 
 def _check_not_luks(device: Path) -> None:
