@@ -29,7 +29,7 @@ from trekeys.errors import IntegrityError
 logger = logging.getLogger(__name__)
 
 BLOCK = 16
-DEFAULT_CHUNK_BYTES = 512 << 10
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 # Tweaks are expanded in groups of this many blocks: multiplying by alpha^r
 # for r < 32 overflows by fewer than 32 bits, so the reduction by the XTS
