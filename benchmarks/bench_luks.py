@@ -5,8 +5,8 @@ The recovery drill decrypts a volume's data segment without device-mapper
 and 512-byte sectors, decrypts its whole data segment in a child process, and
 compares the throughput with ``openssl speed -elapsed -evp aes-256-xts`` at
 the same block size, measured in the same run. Both figures use wall-clock
-time (openssl's default divides by CPU time), so a busy host slows both. The child's peak RSS must stay under
-128 MiB whatever the volume size.
+time (openssl's default divides by CPU time), so a busy host slows both. The
+child's peak RSS must stay under 128 MiB whatever the volume size.
 
 The volume size is TREKEYS_BENCH_LUKS_MIB (default 1024 MiB, 64 MiB with
 --quick).
