@@ -3,11 +3,11 @@
 The drill proves policy 4.4 ("routine tests ... restore and decrypt user data
 by recovering the associated storage volume and its encryption key") without
 device-mapper. It works on a copy of the volume in a private scratch folder
-and never writes to the live volume: it destroys the copy's header, restores
-it from the vault's header backup, opens it with the escrowed recovery
-passphrase, recovers the volume key, decrypts the data segment in user space
-(`trekeys.xts`), extracts the ext4 file system with ``debugfs`` and compares
-every file with the manifest. A second path proves recovery from the
+and never writes to the live volume. It destroys the copy's header, restores
+it from the vault's header backup and opens it with the escrowed recovery
+passphrase. Then it recovers the volume key, decrypts the data segment in
+user space (`trekeys.xts`), extracts the ext4 file system with ``debugfs``
+and compares every file with the manifest. A second path proves recovery from the
 escrowed volume key alone after every keyslot is erased. The scratch folder,
 with every decrypted byte, is removed when the drill ends, fails, or its
 process exits.

@@ -4,10 +4,11 @@ dm-crypt encrypts each sector with AES-XTS (IEEE 1619). The sector number,
 as a 128-bit little-endian integer ("plain64"), is encrypted under the second
 half of the volume key. The result is the tweak of the sector's first 16-byte
 block, and each following block's tweak is the previous one multiplied by
-alpha in GF(2^128). Creating one cipher object per sector is slow, so this module
-computes the tweaks of a whole chunk of sectors at once: one AES-ECB call
-under the tweak key for the first tweaks, a vectorised numpy expansion for
-the rest, then XOR, one AES-ECB decryption under the data key, and XOR again.
+alpha in GF(2^128). Creating one cipher object per sector is slow, so this
+module handles a whole chunk of sectors at once. One AES-ECB call under the
+tweak key gives every sector's first tweak, and numpy expands the rest. The
+chunk is then XORed with the tweaks, decrypted with one AES-ECB call under
+the data key, and XORed again.
 
 This is the one module that handles a raw volume key; callers pass it in
 from the vault and drop it when they are done.
@@ -218,7 +219,7 @@ class XtsDecryptor:
         """Multiply each group's first tweak by alpha**r, r = 0..31, in one pass.
 
         The work runs block-major, shape (32, groups), so that every numpy call
-        is a long contiguous loop with one shift per row; one transposing copy
+        is a long contiguous loop with one shift per row. One transposing copy
         then puts the tweaks in data order. Shifting right by (64 - r) is done
         as (x >> 1) >> (63 - r) because a shift by 64 is undefined.
         """
