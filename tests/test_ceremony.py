@@ -592,7 +592,7 @@ def test_offline_signature_of_other_key_fails(lab: Lab, tmp_path: Path, offline_
 def test_wrong_offline_passphrase_leaves_unsealed(
     lab: Lab, tmp_path: Path, offline_key
 ):
-    home, fingerprint, _ = offline_key
+    home, fingerprint, passphrase = offline_key
     ceremony = run_ca_ceremony(lab, tmp_path / "c")
     signer = offline_signer_if_reachable(home, fingerprint, "wrong passphrase")
 
@@ -604,6 +604,18 @@ def test_wrong_offline_passphrase_leaves_unsealed(
     assert "wrong passphrase" not in info.value.stderr_tail
     resumed = Ceremony.resume(tmp_path / "c")
     assert resumed.journal.entries[-1]["type"] == "end"
+    with pytest.raises(CeremonyError, match="has ended and only its seal may follow"):
+        resumed.join(OMAR)
+
+    signer = offline_signer_if_reachable(home, fingerprint, passphrase)
+    with lab.open_vault() as vault:
+        path = resumed.seal(vault, offline_signer=signer)
+    entries, _ = parse_lines(path)
+    assert [e["type"] for e in entries].count("manifest") == 1
+    result = verify_transcript(
+        path, trusted_key(lab), gnupghome=home, offline_fingerprint=fingerprint
+    )
+    assert result.offline == "verified"
 
 
 def test_offline_signer_absent_when_media_missing(tmp_path: Path):
