@@ -618,6 +618,13 @@ def test_wrong_offline_passphrase_leaves_unsealed(
     assert result.offline == "verified"
 
 
+def test_offline_passphrase_not_left_cached(offline_key):
+    home, fingerprint, passphrase = offline_key
+    gpg_detach_sign(home, fingerprint, b"first", passphrase)
+    with pytest.raises(ToolError, match="could not sign with the offline key"):
+        gpg_detach_sign(home, fingerprint, b"second", None)
+
+
 def test_offline_signer_absent_when_media_missing(tmp_path: Path):
     assert offline_signer_if_reachable(tmp_path / "not-mounted", "AB" * 20) is None
 
