@@ -518,9 +518,10 @@ def test_failed_verification_is_audited(lab: Lab, sealed: Path):
 # The offline admin key, with a throwaway GPG key
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def offline_key() -> Iterator[tuple[Path, str, str]]:
-    """A throwaway ed25519 signing key with a passphrase in a short GNUPGHOME."""
+    """A throwaway ed25519 signing key with a passphrase in a short GNUPGHOME,
+    shared by this module's tests, which only sign and verify with it."""
     # gpg-agent's socket path must stay short, so this lives directly in /tmp.
     home = Path(tempfile.mkdtemp(prefix="tkg", dir="/tmp"))
     passphrase = "offline test passphrase"
