@@ -202,6 +202,15 @@ def test_ceremony_stops_when_role_leaves(lab: Lab, tmp_path: Path):
     assert entry["witness"]["acknowledged"] is True
 
 
+def test_unknown_role_rejected():
+    with pytest.raises(
+        CeremonyError, match="unknown role 'Information Security Manger'"
+    ):
+        Participant("Information Security Manger", "Isla Manager")
+    with pytest.raises(CeremonyError, match="needs both a role and a name"):
+        Participant.from_dict({"name": "Isla Manager"})
+
+
 def test_duplicate_participant_refused(lab: Lab, tmp_path: Path):
     with pytest.raises(CeremonyError, match="listed twice"):
         start_lab_ceremony(lab, "ca-creation", [SAM, ISLA, SAM], tmp_path / "c")
