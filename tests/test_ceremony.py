@@ -195,6 +195,8 @@ def test_ceremony_stops_when_role_leaves(lab: Lab, tmp_path: Path):
         )
 
     ceremony.join(ISLA)
+    with pytest.raises(CeremonyError, match="Isla Manager is already present"):
+        ceremony.join(ISLA)
     entry = ceremony.perform(
         "generate-key", by="Sam Admin", witness="Isla Manager", outcome="made"
     )

@@ -183,7 +183,16 @@ class Ceremony:
         return self.present[name]
 
     def join(self, participant: Participant) -> None:
-        """Record that a participant joined the ceremony."""
+        """Record that a participant joined the ceremony.
+
+        Raises:
+            CeremonyError: someone of that name is already present.
+        """
+        if participant.name in self.present:
+            raise CeremonyError(
+                f"{participant.name} is already present at ceremony "
+                f"{self.procedure.name}; each person is listed once."
+            )
         self.present[participant.name] = participant
         self._append("join", {"participant": participant.to_dict()})
 
