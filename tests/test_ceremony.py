@@ -587,6 +587,25 @@ def test_offline_signature_verifies(lab: Lab, tmp_path: Path, offline_key):
     assert verify_transcript(path, trusted_key(lab)).offline == "not checked"
 
 
+def test_offline_block_covered_by_vault_signature(
+    lab: Lab, tmp_path: Path, offline_key
+):
+    home, fingerprint, passphrase = offline_key
+    ceremony = run_ca_ceremony(lab, tmp_path / "c")
+    signer = offline_signer_if_reachable(home, fingerprint, passphrase)
+    with lab.open_vault() as vault:
+        path = ceremony.seal(vault, offline_signer=signer)
+    original = path.read_bytes()
+    armored_at = original.index(b"-----BEGIN PGP SIGNATURE-----")
+
+    for offset in (40, 80, 120):
+        position = armored_at + offset
+        flipped = bytes([original[position] ^ 0x01])
+        path.write_bytes(original[:position] + flipped + original[position + 1 :])
+        with pytest.raises(TranscriptError, match="vault signature does not verify"):
+            verify_transcript(path, trusted_key(lab))
+
+
 def test_offline_signature_of_other_key_fails(lab: Lab, tmp_path: Path, offline_key):
     home, fingerprint, passphrase = offline_key
     ceremony = run_ca_ceremony(lab, tmp_path / "c")
