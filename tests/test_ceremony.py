@@ -325,6 +325,32 @@ def test_resume_picks_up_recorded_state(lab: Lab, tmp_path: Path):
         )
 
 
+def test_concurrent_writer_detected(lab: Lab, tmp_path: Path):
+    folder = tmp_path / "c"
+    first = start_lab_ceremony(lab, "ca-creation", [SAM, ISLA], folder)
+    second = Ceremony.resume(folder)
+    second.perform("check-participants-and-tools", by="Sam Admin", outcome="ok")
+    before = first.journal.path.read_bytes()
+
+    with pytest.raises(TranscriptError, match="changed by another process"):
+        first.perform("check-participants-and-tools", by="Sam Admin", outcome="ok")
+    assert first.journal.path.read_bytes() == before
+
+
+def test_non_ascii_names_verify(lab: Lab, tmp_path: Path):
+    zoe = Participant(ISM, "Zoë Ødegård")
+    ceremony = start_lab_ceremony(lab, "key-destruction", [SAM, zoe], tmp_path / "c")
+    ceremony.perform("check-participants-and-tools", by="Zoë Ødegård", outcome="ok")
+    for step_id in ("confirm-key-unused", "destroy-key", "verify-tombstone"):
+        ceremony.perform(step_id, by="Sam Admin", witness="Zoë Ødegård", outcome="ok")
+    with lab.open_vault() as vault:
+        path = ceremony.seal(vault)
+
+    entries, _ = parse_lines(path)
+    assert verify_transcript(path, trusted_key(lab)).entries == len(entries)
+    assert entries[0]["participants"][1]["name"] == "Zoë Ødegård"
+
+
 def test_custom_procedure_object(lab: Lab, tmp_path: Path):
     script = Procedure("tiny", "A tiny script", "4.3", {ISM: 1}, ())
     ceremony = Ceremony.start(script, [ISLA], tmp_path / "t", dry_run=False)
