@@ -195,11 +195,22 @@ def test_ceremony_stops_when_role_leaves(lab: Lab, tmp_path: Path):
         )
 
     ceremony.join(ISLA)
+    with pytest.raises(CeremonyError, match="Isla Manager is already present"):
+        ceremony.join(ISLA)
     entry = ceremony.perform(
         "generate-key", by="Sam Admin", witness="Isla Manager", outcome="made"
     )
     assert entry["witness"]["name"] == "Isla Manager"
     assert entry["witness"]["acknowledged"] is True
+
+
+def test_unknown_role_rejected():
+    with pytest.raises(
+        CeremonyError, match="unknown role 'Information Security Manger'"
+    ):
+        Participant("Information Security Manger", "Isla Manager")
+    with pytest.raises(CeremonyError, match="needs both a role and a name"):
+        Participant.from_dict({"name": "Isla Manager"})
 
 
 def test_duplicate_participant_refused(lab: Lab, tmp_path: Path):
@@ -312,6 +323,32 @@ def test_resume_picks_up_recorded_state(lab: Lab, tmp_path: Path):
         resumed.perform(
             "generate-key", by="Sam Admin", witness="Isla Manager", outcome="x"
         )
+
+
+def test_concurrent_writer_detected(lab: Lab, tmp_path: Path):
+    folder = tmp_path / "c"
+    first = start_lab_ceremony(lab, "ca-creation", [SAM, ISLA], folder)
+    second = Ceremony.resume(folder)
+    second.perform("check-participants-and-tools", by="Sam Admin", outcome="ok")
+    before = first.journal.path.read_bytes()
+
+    with pytest.raises(TranscriptError, match="changed by another process"):
+        first.perform("check-participants-and-tools", by="Sam Admin", outcome="ok")
+    assert first.journal.path.read_bytes() == before
+
+
+def test_non_ascii_names_verify(lab: Lab, tmp_path: Path):
+    zoe = Participant(ISM, "Zoë Ødegård")
+    ceremony = start_lab_ceremony(lab, "key-destruction", [SAM, zoe], tmp_path / "c")
+    ceremony.perform("check-participants-and-tools", by="Zoë Ødegård", outcome="ok")
+    for step_id in ("confirm-key-unused", "destroy-key", "verify-tombstone"):
+        ceremony.perform(step_id, by="Sam Admin", witness="Zoë Ødegård", outcome="ok")
+    with lab.open_vault() as vault:
+        path = ceremony.seal(vault)
+
+    entries, _ = parse_lines(path)
+    assert verify_transcript(path, trusted_key(lab)).entries == len(entries)
+    assert entries[0]["participants"][1]["name"] == "Zoë Ødegård"
 
 
 def test_custom_procedure_object(lab: Lab, tmp_path: Path):
@@ -518,9 +555,10 @@ def test_failed_verification_is_audited(lab: Lab, sealed: Path):
 # The offline admin key, with a throwaway GPG key
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def offline_key() -> Iterator[tuple[Path, str, str]]:
-    """A throwaway ed25519 signing key with a passphrase in a short GNUPGHOME."""
+    """A throwaway ed25519 signing key with a passphrase in a short GNUPGHOME,
+    shared by this module's tests, which only sign and verify with it."""
     # gpg-agent's socket path must stay short, so this lives directly in /tmp.
     home = Path(tempfile.mkdtemp(prefix="tkg", dir="/tmp"))
     passphrase = "offline test passphrase"
@@ -575,6 +613,25 @@ def test_offline_signature_verifies(lab: Lab, tmp_path: Path, offline_key):
     assert verify_transcript(path, trusted_key(lab)).offline == "not checked"
 
 
+def test_offline_block_covered_by_vault_signature(
+    lab: Lab, tmp_path: Path, offline_key
+):
+    home, fingerprint, passphrase = offline_key
+    ceremony = run_ca_ceremony(lab, tmp_path / "c")
+    signer = offline_signer_if_reachable(home, fingerprint, passphrase)
+    with lab.open_vault() as vault:
+        path = ceremony.seal(vault, offline_signer=signer)
+    original = path.read_bytes()
+    armored_at = original.index(b"-----BEGIN PGP SIGNATURE-----")
+
+    for offset in (40, 80, 120):
+        position = armored_at + offset
+        flipped = bytes([original[position] ^ 0x01])
+        path.write_bytes(original[:position] + flipped + original[position + 1 :])
+        with pytest.raises(TranscriptError, match="vault signature does not verify"):
+            verify_transcript(path, trusted_key(lab))
+
+
 def test_offline_signature_of_other_key_fails(lab: Lab, tmp_path: Path, offline_key):
     home, fingerprint, passphrase = offline_key
     ceremony = run_ca_ceremony(lab, tmp_path / "c")
@@ -592,7 +649,7 @@ def test_offline_signature_of_other_key_fails(lab: Lab, tmp_path: Path, offline_
 def test_wrong_offline_passphrase_leaves_unsealed(
     lab: Lab, tmp_path: Path, offline_key
 ):
-    home, fingerprint, _ = offline_key
+    home, fingerprint, passphrase = offline_key
     ceremony = run_ca_ceremony(lab, tmp_path / "c")
     signer = offline_signer_if_reachable(home, fingerprint, "wrong passphrase")
 
@@ -604,6 +661,25 @@ def test_wrong_offline_passphrase_leaves_unsealed(
     assert "wrong passphrase" not in info.value.stderr_tail
     resumed = Ceremony.resume(tmp_path / "c")
     assert resumed.journal.entries[-1]["type"] == "end"
+    with pytest.raises(CeremonyError, match="has ended and only its seal may follow"):
+        resumed.join(OMAR)
+
+    signer = offline_signer_if_reachable(home, fingerprint, passphrase)
+    with lab.open_vault() as vault:
+        path = resumed.seal(vault, offline_signer=signer)
+    entries, _ = parse_lines(path)
+    assert [e["type"] for e in entries].count("manifest") == 1
+    result = verify_transcript(
+        path, trusted_key(lab), gnupghome=home, offline_fingerprint=fingerprint
+    )
+    assert result.offline == "verified"
+
+
+def test_offline_passphrase_not_left_cached(offline_key):
+    home, fingerprint, passphrase = offline_key
+    gpg_detach_sign(home, fingerprint, b"first", passphrase)
+    with pytest.raises(ToolError, match="could not sign with the offline key"):
+        gpg_detach_sign(home, fingerprint, b"second", None)
 
 
 def test_offline_signer_absent_when_media_missing(tmp_path: Path):

@@ -23,6 +23,7 @@ from trekeys.custodians import (
     key_file_holding,
     load_register,
     record_departure,
+    record_new_split,
     register_rows,
     required_actions,
 )
@@ -99,6 +100,32 @@ def test_resplit_closes_departure_action(lab: Lab):
         vault.update_meta(custody={**vault.meta["custody"], "split": "beef"})
     with lab.open_vault(read_only=True) as vault:
         assert required_actions(vault) == []
+
+
+def test_new_split_retires_old_shares(lab: Lab):
+    old_split = split_of(lab)
+    with lab.open_vault() as vault:
+        record_departure(vault, "Omar Operations", "left")
+        vault.update_meta(custody={**vault.meta["custody"], "split": "beef"})
+        added = record_new_split(
+            vault,
+            "beef",
+            [
+                ("Sam Admin", "TRE System Administrator", "sam.share"),
+                ("Isla Manager", "Information Security Manager", "isla.share"),
+            ],
+        )
+        entries = load_register(vault)
+        actions = required_actions(vault)
+
+    assert [e.holds for e in added] == ["share:beef:sam.share", "share:beef:isla.share"]
+    old = [e for e in entries if e.holds.startswith(f"share:{old_split}:")]
+    assert len(old) == 3
+    assert all(not e.active for e in old)
+    assert [(a.custodian, a.trigger) for a in actions] == [
+        ("Sam Admin", "duties not acknowledged"),
+        ("Isla Manager", "duties not acknowledged"),
+    ]
 
 
 def test_key_file_holder_leaving_needs_new_key_file(lab: Lab):

@@ -183,7 +183,16 @@ class Ceremony:
         return self.present[name]
 
     def join(self, participant: Participant) -> None:
-        """Record that a participant joined the ceremony."""
+        """Record that a participant joined the ceremony.
+
+        Raises:
+            CeremonyError: someone of that name is already present.
+        """
+        if participant.name in self.present:
+            raise CeremonyError(
+                f"{participant.name} is already present at ceremony "
+                f"{self.procedure.name}; each person is listed once."
+            )
         self.present[participant.name] = participant
         self._append("join", {"participant": participant.to_dict()})
 
@@ -353,17 +362,27 @@ class Ceremony:
                 f"{', '.join(self.pending_steps)} were neither performed nor skipped; "
                 "perform them or record each as a skip with its reason."
             )
-        self._append("manifest", {"files": self._manifest()})
-        deviations = [e for e in self.journal.entries if e["type"] == "deviation"]
-        self._append(
-            "end",
-            {
-                "steps": sum(1 for e in self.journal.entries if e["type"] == "step"),
-                "deviations": len(deviations),
-            },
-        )
+        # A seal that failed after the end entry (say, a wrong offline
+        # passphrase) is retried without a second manifest.
+        if not self.ended:
+            self._append("manifest", {"files": self._manifest()})
+            deviations = [e for e in self.journal.entries if e["type"] == "deviation"]
+            self._append(
+                "end",
+                {
+                    "steps": sum(
+                        1 for e in self.journal.entries if e["type"] == "step"
+                    ),
+                    "deviations": len(deviations),
+                },
+            )
         self.journal.seal(vault, offline_signer=offline_signer)
         return self.journal.path
+
+    @property
+    def ended(self) -> bool:
+        """Whether the end entry is written, so that only the seal may follow."""
+        return bool(self.journal.entries) and self.journal.entries[-1]["type"] == "end"
 
     def _manifest(self) -> list[dict[str, Any]]:
         transcript = self.journal.path.resolve()
@@ -381,6 +400,11 @@ class Ceremony:
     # Internals
 
     def _append(self, entry_type: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.ended:
+            raise CeremonyError(
+                f"ceremony {self.procedure.name} has ended and only its seal may "
+                "follow; run 'trekeys ceremony seal' on it."
+            )
         return self.journal.append(entry_type, {**body, "dry_run": self.dry_run})
 
     def _require_roles(self) -> None:

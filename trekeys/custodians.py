@@ -197,6 +197,40 @@ def record_departure(
     return [a for a in required_actions(vault) if a.custodian == name]
 
 
+def record_new_split(
+    vault: Vault,
+    split: str,
+    holders: list[tuple[str, str, str]],
+    *,
+    at: datetime | None = None,
+) -> list[CustodianEntry]:
+    """Record a re-split: close every active share of another split and add the
+    new shares, each as (name, role, share file), with duties still to be
+    acknowledged.
+
+    Returns:
+        The new entries.
+    """
+    when = (at or utcnow()).isoformat()
+    entries = load_register(vault)
+    for entry in entries:
+        if (
+            entry.active
+            and entry.kind == "share"
+            and entry.holds.split(":")[1] != split
+        ):
+            entry.left = when
+            entry.left_reason = f"share retired by the re-split to {split}"
+
+    added = [
+        CustodianEntry(name=name, role=role, holds=f"share:{split}:{share}", since=when)
+        for name, role, share in holders
+    ]
+    _save(vault, [*entries, *added], "record-split", f"split {split}: {len(added)}")
+    logger.info("custodian register: split %s with %d shares", split, len(added))
+    return added
+
+
 def _current_split(vault: Vault) -> str:
     return str(vault.meta.get("custody", {}).get("split", ""))
 

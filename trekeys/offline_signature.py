@@ -85,6 +85,7 @@ def gpg_detach_sign(
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+        _flush_agent_passphrases(gnupghome)
 
     status = _status_lines(result.stderr)
     if result.returncode != 0 or "SIG_CREATED" not in status:
@@ -157,6 +158,21 @@ def offline_signer_if_reachable(
         return gpg_detach_sign(Path(gnupghome), fingerprint, data, passphrase)
 
     return sign
+
+
+def _flush_agent_passphrases(gnupghome: Path) -> None:
+    # gpg-agent caches a loopback passphrase (10 minutes by default), which
+    # would leave the offline key usable without it. A reload (SIGHUP) makes
+    # the agent drop every cached passphrase.
+    gpgconf = shutil.which("gpgconf")
+    if gpgconf is None:
+        return
+    subprocess.run(
+        [gpgconf, "--homedir", str(gnupghome), "--reload", "gpg-agent"],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
 
 
 def _status_lines(stderr: bytes) -> str:

@@ -192,6 +192,15 @@ class Participant:
     name: str
     custodian: bool = False
 
+    def __post_init__(self) -> None:
+        # A misspelt role would silently fail to count towards the script's
+        # required roles, so only the policy's roles are accepted.
+        if self.role not in POLICY_ROLES:
+            raise CeremonyError(
+                f"{self.name} has the unknown role {self.role!r}; use one of "
+                f"{', '.join(POLICY_ROLES)} and mark share holders as custodians."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {"role": self.role, "name": self.name, "custodian": self.custodian}
 

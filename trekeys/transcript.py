@@ -15,6 +15,7 @@ OpenPGP key. Verification needs only the public keys, so it works offline.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ class TranscriptJournal:
         self.path = Path(path)
         self.entries: list[dict[str, Any]] = []
         self.sealed = False
+        self.size = 0
 
     @property
     def head(self) -> str:
@@ -92,12 +94,21 @@ class TranscriptJournal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a", encoding="ascii") as handle:
+            # Two processes recording into one ceremony would fork the chain,
+            # so the file must still end where this journal last wrote.
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if os.fstat(handle.fileno()).st_size != self.size:
+                raise TranscriptError(
+                    f"transcript {self.path} was changed by another process; "
+                    "resume the ceremony to see its latest entries."
+                )
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self.size += len(line) + 1
 
     def statement(self) -> bytes:
-        """Return the text that both seal signatures cover."""
+        """Return the statement that the offline key signs and the seal carries."""
         return seal_statement(
             len(self.entries),
             self.head,
@@ -212,6 +223,7 @@ def load_journal(path: Path) -> TranscriptJournal:
         )
     _check_chain(path, entries)
     journal.entries = entries
+    journal.size = Path(path).stat().st_size
     return journal
 
 
