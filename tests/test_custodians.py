@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from trekeys.cli import main
 from trekeys.coverage import (
     check_lab_shares,
-    check_shares_individually,
     record_recovery_proof,
     recovery_coverage,
 )
@@ -27,7 +26,12 @@ from trekeys.custodians import (
     register_rows,
     required_actions,
 )
-from trekeys.custody import Custodian, generate_master_secret, split_master_secret
+from trekeys.custody import (
+    Custodian,
+    check_each_share,
+    generate_master_secret,
+    split_master_secret,
+)
 from trekeys.errors import RecordError
 from trekeys.lab import Lab, create_lab
 from trekeys.records import KeyState, utcnow
@@ -276,7 +280,7 @@ def test_damaged_share_words_reported(lab: Lab):
         ]
     ) as vault:
         fingerprint = vault.get("tre/vault-master").fingerprint
-    rows = check_shares_individually(lab.share_files(), 2, fingerprint)
+    rows = check_each_share(lab.share_files(), 2, fingerprint)
 
     assert [row["valid"] for row in rows] == [True, True, False]
     assert rows[2]["file"] == "tre-system-administrator.share"
@@ -287,7 +291,7 @@ def test_missing_share_file_reported(lab: Lab):
     missing = lab.custodians_dir / "lost.share"
     with lab.open_vault() as vault:
         fingerprint = vault.get("tre/vault-master").fingerprint
-    rows = check_shares_individually([*files, missing], 2, fingerprint)
+    rows = check_each_share([*files, missing], 2, fingerprint)
     assert rows[-1]["valid"] is False
     assert "is missing" in rows[-1]["detail"]
     assert all(row["valid"] for row in rows[:-1])

@@ -14,7 +14,6 @@ vault, and a good share is never blamed for a bad neighbour.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from trekeys.custody import combine_shares, master_fingerprint, read_share_file
-from trekeys.errors import CredentialError, RecordError, ShareError
+from trekeys.custody import check_each_share
+from trekeys.errors import RecordError
 from trekeys.records import KeyRecord, utcnow
 from trekeys.vault import Vault
 
@@ -110,69 +109,9 @@ def recovery_coverage(
     return rows
 
 
-def check_shares_individually(
-    share_files: Sequence[Path], threshold: int, fingerprint: str
-) -> list[dict[str, Any]]:
-    """Check each share file on its own against the master secret's fingerprint.
-
-    Each share is tried with every group of `threshold - 1` other readable
-    shares until one group rebuilds the master secret. A share is valid only
-    if such a group exists, so a bad share fails even when the others still
-    make a threshold, and a good share passes despite a bad neighbour.
-
-    Returns:
-        One row per share file: custodian, file, valid, proven_with, detail.
-    """
-    words: dict[Path, str] = {}
-    errors: dict[Path, str] = {}
-    for path in share_files:
-        try:
-            words[Path(path)] = read_share_file(Path(path))
-        except ShareError as exc:
-            errors[Path(path)] = str(exc)
-
-    rows = []
-    for path in map(Path, share_files):
-        row: dict[str, Any] = {
-            "custodian": path.stem,
-            "file": path.name,
-            "valid": False,
-            "proven_with": "",
-            "detail": errors.get(path, ""),
-        }
-        if path in words:
-            partners = _find_partners(path, words, threshold, fingerprint)
-            row["valid"] = partners is not None
-            row["proven_with"] = ", ".join(p.stem for p in partners or [])
-            row["detail"] = (
-                "rebuilds the master secret with other shares"
-                if partners is not None
-                else "rebuilds the master secret with no group of the other shares: "
-                "the share is damaged or from another split"
-            )
-        rows.append(row)
-        if not row["valid"]:
-            logger.warning("custody share %s failed its own check", path)
-    return rows
-
-
-def _find_partners(
-    own: Path, words: dict[Path, str], threshold: int, fingerprint: str
-) -> list[Path] | None:
-    others = [p for p in words if p != own]
-    for group in itertools.combinations(others, threshold - 1):
-        try:
-            secret = combine_shares([words[own], *(words[p] for p in group)])
-        except CredentialError:
-            continue
-        if master_fingerprint(secret) == fingerprint:
-            return list(group)
-    return None
-
-
 def check_lab_shares(
     share_files: Sequence[Path], threshold: int, vault: Vault
 ) -> list[dict[str, Any]]:
     """Check each share against the fingerprint of the vault's master secret record."""
     fingerprint = vault.get(VAULT_MASTER_ID).fingerprint
-    return check_shares_individually(share_files, threshold, fingerprint)
+    return check_each_share(share_files, threshold, fingerprint)
