@@ -35,7 +35,7 @@ from trekeys.errors import (
     WeakPassphraseError,
 )
 from trekeys.lab import Lab
-from trekeys.outputs import staged_output
+from trekeys.outputs import staged_path
 from trekeys.pgpfile import S2kSettings
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.rotation import next_key_id, retire_key
@@ -231,7 +231,7 @@ def decrypt_path(
         DestinationExistsError: `dest` exists and `overwrite` is false.
     """
 
-    def run(out: IO[bytes]) -> None:
+    def run(out: Path) -> None:
         pgpfile.decrypt(Path(source), out, passphrase=passphrase)
 
     return _write_plaintext(Path(source), Path(dest), run, overwrite=overwrite)
@@ -287,7 +287,7 @@ def recover_path(
     try:
         secret = vault.read_secret(record.id, f"escrow recovery: {reason}")
 
-        def run(out: IO[bytes]) -> None:
+        def run(out: Path) -> None:
             pgpfile.decrypt(
                 source, out, secret_key=secret.decode("ascii"), key_label=record.id
             )
@@ -371,8 +371,7 @@ def _reencrypt_files(
         try:
             plain = staging / "plain"
             secret = vault.read_secret(old.id, f"re-encryption: {reason}")
-            with open(plain, "xb") as out:
-                pgpfile.decrypt(path, out, secret_key=secret.decode("ascii"))
+            pgpfile.decrypt(path, plain, secret_key=secret.decode("ascii"))
             rewritten = staging / "new.gpg"
             pgpfile.encrypt(
                 plain,
@@ -384,8 +383,9 @@ def _reencrypt_files(
                 literal_name=path.name.removesuffix(FILE_SUFFIX),
             )
             new_secret = vault.read_secret(new.id, f"check re-encryption: {reason}")
-            with open(os.devnull, "wb") as sink:
-                pgpfile.decrypt(rewritten, sink, secret_key=new_secret.decode("ascii"))
+            pgpfile.decrypt(
+                rewritten, staging / "check", secret_key=new_secret.decode("ascii")
+            )
             os.replace(rewritten, path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -494,12 +494,12 @@ def _tar_writer(folder: Path) -> Callable[[IO[bytes]], None]:
 def _write_plaintext(
     source: Path,
     dest: Path,
-    run: Callable[[IO[bytes]], None],
+    run: Callable[[Path], None],
     *,
     overwrite: bool,
 ) -> Path:
     if not source.name.endswith(FOLDER_SUFFIX):
-        with staged_output(dest, overwrite=overwrite) as out:
+        with staged_path(dest, overwrite=overwrite) as out:
             run(out)
         return dest
 
@@ -514,8 +514,7 @@ def _write_plaintext(
     )
     try:
         archive = staging / "archive.tar"
-        with open(archive, "xb") as out:
-            run(out)
+        run(archive)
         _extract_single_folder(archive, staging / "tree", dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

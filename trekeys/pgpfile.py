@@ -37,7 +37,7 @@ from trekeys.errors import (
     ToolError,
     ToolMissingError,
 )
-from trekeys.outputs import staged_output
+from trekeys.outputs import staged_path
 
 logger = logging.getLogger(__name__)
 
@@ -254,20 +254,18 @@ def encrypt(
         recipient,
         "--set-filename",
         literal_name,
+        # gpg writes a named file faster than its standard output (2.2.40).
+        "--yes",
         "--output",
-        "-",
     ]
 
-    with staged_output(dest, overwrite=overwrite) as out:
+    with staged_path(dest, overwrite=overwrite) as tmp:
+        arguments.append(str(tmp))
         if isinstance(source, Path):
             with open(source, "rb") as data:
-                run = run_gpg(
-                    home, arguments, passphrase=passphrase, stdin=data, stdout=out
-                )
+                run = run_gpg(home, arguments, passphrase=passphrase, stdin=data)
         else:
-            run = run_gpg(
-                home, arguments, passphrase=passphrase, stdout=out, writer=source
-            )
+            run = run_gpg(home, arguments, passphrase=passphrase, writer=source)
         if run.returncode != 0 or not run.has("END_ENCRYPTION"):
             raise ToolError(
                 f"gpg could not encrypt to {dest} for recipient {recipient}; "
@@ -297,31 +295,29 @@ def list_recipients(source: Path) -> list[str]:
 
 def decrypt(
     source: Path,
-    out: IO[bytes],
+    out: Path,
     *,
     passphrase: str | None = None,
     secret_key: str | None = None,
     key_label: str = "",
 ) -> GpgRun:
-    """Decrypt `source` into `out` with a passphrase or an armored secret key.
+    """Decrypt `source` into the file `out` with a passphrase or an armored secret key.
 
-    The caller must discard `out` when this raises: gpg writes plaintext
-    before it has checked the integrity of the whole message.
+    `out` is overwritten. The caller must discard it when this raises: gpg
+    writes plaintext before it has checked the integrity of the whole message.
 
     Raises:
         CredentialError: the passphrase or the secret key does not open `source`.
         IntegrityError: `source` is truncated, tampered with or not OpenPGP.
     """
     with temporary_home() as home:
-        arguments = ["--decrypt", "--output", "-"]
+        arguments = ["--yes", "--output", str(out), "--decrypt"]
         if secret_key is not None:
             import_key(home, secret_key, secret=True)
         else:
             arguments.insert(0, "--no-autostart")
         with open(source, "rb") as data:
-            run = run_gpg(
-                home, arguments, passphrase=passphrase, stdin=data, stdout=out
-            )
+            run = run_gpg(home, arguments, passphrase=passphrase, stdin=data)
     check_decryption(run, source, passphrase is not None, key_label)
     return run
 
@@ -374,11 +370,14 @@ def temporary_home() -> Iterator[Path]:
     try:
         yield home
     finally:
-        subprocess.run(
-            ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
-            capture_output=True,
-            check=False,
-        )
+        # Only a secret-key import starts an agent; without its socket there
+        # is nothing to stop.
+        if any(home.glob("S.gpg-agent*")):
+            subprocess.run(
+                ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                capture_output=True,
+                check=False,
+            )
         shutil.rmtree(home, ignore_errors=True)
 
 
