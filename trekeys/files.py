@@ -8,7 +8,7 @@ encrypted once, as one OpenPGP message that both the user's passphrase and
 the escrow key open (see `trekeys.pgpfile`). A folder is streamed as a tar
 archive and named ``<folder>.tar.gpg``.
 
-The escrow record lists the files it protects as far as trekeys knows, with
+The escrow record lists the ciphertexts that trekeys made with it, with
 paths relative to the lab folder when they lie inside it.
 """
 
@@ -54,7 +54,7 @@ ESCROW_CRYPTOPERIOD_DAYS = 730
 
 
 def escrow_home(lab: Lab) -> Path:
-    """Return the GNUPGHOME that holds the escrow public keys of the lab."""
+    """Return the GNUPGHOME that contains the escrow public keys of the lab."""
     return lab.root / "keyrings" / "escrow"
 
 
@@ -172,7 +172,7 @@ def find_user_key(vault: Vault, user: str, role: str) -> KeyRecord | None:
 
 
 def protected_files(lab: Lab, record: KeyRecord) -> list[Path]:
-    """Return the ciphertexts that an escrow record protects, as far as it knows."""
+    """Return the ciphertexts that trekeys encrypted for an escrow record."""
     return [_resolve(lab, ref) for ref in json.loads(record.attributes["files"])]
 
 
@@ -526,8 +526,8 @@ def _extract_single_folder(archive: Path, tree: Path, dest: Path) -> None:
         tops = {member.name.split("/")[0] for member in tar.getmembers()}
         if len(tops) != 1:
             raise RecordError(
-                f"the archive in {archive.name} holds {len(tops)} top-level entries, "
-                "not one folder; decrypt it with gpg and inspect it."
+                f"the archive in {archive.name} contains {len(tops)} top-level "
+                "entries, not one folder; decrypt it with gpg and inspect it."
             )
         # The "data" filter rejects absolute paths, links out of the tree and
         # device files (Python 3.11.4 and later).

@@ -1,9 +1,9 @@
 """Outputs that appear whole or not at all.
 
 Every file trekeys writes goes first to a hidden temporary file in the
-destination folder and is moved into place only when complete, so a failure
-or an interruption never leaves a half-written file under the real name and
-never replaces existing data unless the caller asked for it.
+destination folder and is moved into place only when complete. A failure or
+an interruption therefore leaves no half-written file under the real name,
+and existing data is replaced only when the caller requests it.
 """
 
 from __future__ import annotations

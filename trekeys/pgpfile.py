@@ -6,11 +6,11 @@ recipient. Either one recovers the session key, so plain ``gpg --decrypt``
 opens the file with the passphrase, and the key manager opens it with the
 escrow secret key.
 
-``gpg`` is driven directly rather than through python-gnupg because the
-passphrase must travel on its own pipe (``--passphrase-fd``) while the data
-streams from a file or a tar writer on standard input, and because the
-decision to keep a plaintext depends on the status lines (``GOODMDC``,
-``BADMDC``) that gpg prints after it has already written the data.
+``gpg`` is run directly rather than through python-gnupg for two reasons.
+The passphrase must travel on its own pipe (``--passphrase-fd``) while the
+data streams from a file or a tar writer on standard input. And the decision
+to keep a plaintext depends on the status lines (``GOODMDC``, ``BADMDC``)
+that gpg prints after it has already written the data.
 
 Every output is written to a hidden temporary file in the destination folder
 and linked into place only after gpg has finished and, on decryption,
@@ -121,7 +121,7 @@ def check_passphrase_characters(passphrase: str) -> None:
     """Reject a passphrase that gpg cannot read from a pipe."""
     if not passphrase or any(c in passphrase for c in _FORBIDDEN_PASSPHRASE_CHARACTERS):
         raise CredentialError(
-            "the passphrase is empty or holds a line break or NUL character; "
+            "the passphrase is empty or contains a line break or NUL character; "
             "choose one on a single line."
         )
 
@@ -159,7 +159,8 @@ def run_gpg(
         if passphrase:
             check_passphrase_characters(passphrase)
         read_fd, write_fd = os.pipe()
-        # A passphrase is far smaller than the pipe buffer, so this cannot block.
+        # The write blocks only beyond the pipe buffer (64 KiB on Linux), far
+        # more than any passphrase.
         os.write(write_fd, passphrase.encode("utf-8") + b"\n")
         os.close(write_fd)
         command += ["--passphrase-fd", str(read_fd)]
@@ -203,7 +204,7 @@ def _feed(pipe: IO[bytes], writer: Callable[[IO[bytes]], None]) -> None:
         with pipe:
             writer(pipe)
     except BrokenPipeError:
-        # gpg stopped reading; its exit status and status lines say why.
+        # gpg stopped reading, and its exit status and status lines give the cause.
         logger.debug("gpg closed its input early")
 
 
@@ -226,7 +227,7 @@ def encrypt(
     Args:
         source: a file to read, or a function that writes the plaintext.
         dest: the ciphertext to create.
-        home: the GNUPGHOME that holds the recipient's public key.
+        home: the GNUPGHOME that contains the recipient's public key.
         recipient: the recipient's fingerprint.
         passphrase: the passphrase of the SKESK, or None for the recipient only.
         settings: the S2K and cipher settings.
@@ -342,7 +343,7 @@ def check_decryption(
             f"the passphrase does not open {source}; check it, or ask the key "
             "manager to recover the file from the escrow."
         )
-    # With a passphrase packet present, gpg asks for a passphrase before it
+    # With a passphrase packet present, gpg requests a passphrase before it
     # reports NO_SECKEY, so a missing DECRYPTION_KEY is the reliable sign.
     if not used_passphrase and run.has("ENC_TO") and not run.has("DECRYPTION_KEY"):
         recipients = ", ".join(v.split()[0] for v in run.values("ENC_TO"))
