@@ -403,3 +403,71 @@ def test_escrow_recovery_notebook_passes_twice(full_lab, tmp_path):
             names=["file-escrow-recovery"],
         )
         assert run.passed, run.drills[0].error
+
+
+def test_notebook_report_contains_no_secret(full_lab, tmp_path):
+    run = run_drills(
+        full_lab.root, tmp_path / "reports", names=["file-escrow-recovery"]
+    )
+    assert run.passed, run.drills[0].error
+    with full_lab.open_vault() as vault:
+        passphrase = vault.read_secret("files/alice/passphrase", "test").decode()
+        armored = vault.read_secret("files/alice", "test").decode().splitlines()
+    key_line = max(armored, key=len)
+    for report in run.folder.iterdir():
+        text = report.read_text(encoding="utf-8", errors="replace")
+        assert passphrase not in text, report.name
+        assert key_line not in text, report.name
+
+
+def test_cli_rejects_weak_passphrase_without_echo(full_lab, tmp_path):
+    from click.testing import CliRunner
+
+    from trekeys.cli import main
+
+    weak = tmp_path / "weak.txt"
+    weak.write_text("sunshine1")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("notes")
+    result = CliRunner().invoke(
+        main,
+        ["files", "encrypt", "--lab", str(full_lab.root), "alice", str(plain)]
+        + ["--passphrase-file", str(weak)],
+    )
+    assert result.exit_code == 1
+    assert "too easy to guess" in result.output
+    assert "sunshine1" not in result.output
+    assert not (tmp_path / "notes.txt.gpg").exists()
+
+
+def test_cli_encrypt_decrypt_recover(full_lab, tmp_path):
+    from click.testing import CliRunner
+
+    from trekeys.cli import main
+
+    secret = tmp_path / "pass.txt"
+    secret.write_text(PASSPHRASE + "\n")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("field notes\n")
+    runner = CliRunner()
+    lab_args = ["--lab", str(full_lab.root)]
+    encrypted = runner.invoke(
+        main,
+        ["files", "encrypt", *lab_args, "alice", str(plain)]
+        + ["--passphrase-file", str(secret)],
+    )
+    assert encrypted.exit_code == 0, encrypted.output
+    decrypted = runner.invoke(
+        main,
+        ["files", "decrypt", str(tmp_path / "notes.txt.gpg"), str(tmp_path / "d.txt")]
+        + ["--passphrase-file", str(secret)],
+    )
+    assert decrypted.exit_code == 0, decrypted.output
+    recovered = runner.invoke(
+        main,
+        ["files", "recover", *lab_args, str(tmp_path / "notes.txt.gpg")]
+        + [str(tmp_path / "r.txt"), "--reason", "cli test"],
+    )
+    assert recovered.exit_code == 0, recovered.output
+    assert (tmp_path / "d.txt").read_text() == "field notes\n"
+    assert (tmp_path / "r.txt").read_text() == "field notes\n"

@@ -205,3 +205,16 @@ def test_transfer_manifests_notebook_passes_twice(full_lab, tmp_path):
             full_lab.root, tmp_path / f"reports-{attempt}", names=["transfer-manifests"]
         )
         assert run.passed, run.drills[0].error
+
+
+def test_cli_verify_names_changed_file(lab, folder, manifest):
+    from click.testing import CliRunner
+
+    from trekeys.cli import main
+
+    (folder / "a.csv").write_text("changed\n")
+    result = CliRunner().invoke(
+        main, ["transfer", "verify", "--lab", str(lab.root), str(manifest), str(folder)]
+    )
+    assert result.exit_code == 1
+    assert "changed: a.csv" in result.output

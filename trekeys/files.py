@@ -153,7 +153,8 @@ def store_passphrase(
         custodian=f"user {user} and TRE System Administrators",
         state=KeyState.ACTIVE,
         algorithm="OpenPGP passphrase (iterated and salted S2K, AES-256)",
-        strength_bits=int(float(estimate["guesses_log10"]) * 3.3219),
+        # zxcvbn's guess estimate in bits, capped by the AES-256 session key.
+        strength_bits=min(256, int(float(estimate["guesses_log10"]) * 3.3219)),
         protects=[f"files:{user}"],
         locations=["vault", f"memory of {user}"],
         attributes={"role": PASSPHRASE_ROLE, "user": user},
