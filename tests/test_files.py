@@ -20,6 +20,7 @@ from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
     IntegrityError,
+    PolicyError,
     WeakPassphraseError,
 )
 from trekeys.lab import Lab, create_lab
@@ -471,3 +472,47 @@ def test_cli_encrypt_decrypt_recover(full_lab, tmp_path):
     assert recovered.exit_code == 0, recovered.output
     assert (tmp_path / "d.txt").read_text() == "field notes\n"
     assert (tmp_path / "r.txt").read_text() == "field notes\n"
+
+
+@pytest.mark.parametrize("case", ["climbs-out", "two-files", "absolute"])
+def test_unsafe_archive_not_extracted(lab, tmp_path, case):
+    import io
+    import tarfile
+
+    members = {
+        "climbs-out": ["folder/../../escape.txt"],
+        "two-files": ["one.txt", "two.txt"],
+        "absolute": [str(tmp_path / "planted.txt")],
+    }[case]
+
+    def write_archive(pipe):
+        with tarfile.open(fileobj=pipe, mode="w|") as tar:
+            for name in members:
+                info = tarfile.TarInfo(name)
+                info.size = 7
+                tar.addfile(info, io.BytesIO(b"planted"))
+
+    with lab.open_vault() as vault:
+        fingerprint = vault.get("files/alice").fingerprint
+    cipher = tmp_path / "crafted.tar.gpg"
+    pgpfile.encrypt(
+        write_archive,
+        cipher,
+        home=files.escrow_home(lab),
+        recipient=fingerprint,
+        passphrase=PASSPHRASE,
+        settings=pgpfile.S2kSettings.test(),
+    )
+    dest = tmp_path / "out"
+    if case == "absolute":
+        # The leading slash is stripped, so the file lands inside the new folder.
+        files.decrypt_path(cipher, dest, passphrase=PASSPHRASE)
+        assert list(dest.rglob("planted.txt"))
+    else:
+        with pytest.raises(PolicyError, match="unsafe to extract|top-level entries"):
+            files.decrypt_path(cipher, dest, passphrase=PASSPHRASE)
+        assert not dest.exists()
+    assert not (tmp_path / "planted.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path.parent / "escape.txt").exists()
+    assert leftovers(tmp_path) == []

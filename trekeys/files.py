@@ -31,6 +31,7 @@ from trekeys import pgpfile
 from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
+    PolicyError,
     RecordError,
     WeakPassphraseError,
 )
@@ -523,17 +524,25 @@ def _write_plaintext(
 
 
 def _extract_single_folder(archive: Path, tree: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:") as tar:
-        tops = {member.name.split("/")[0] for member in tar.getmembers()}
-        if len(tops) != 1:
-            raise RecordError(
-                f"the archive in {archive.name} contains {len(tops)} top-level "
-                "entries, not one folder; decrypt it with gpg and inspect it."
-            )
-        # The "data" filter rejects absolute paths, links out of the tree and
-        # device files (Python 3.11.4 and later).
-        tar.extractall(tree, filter="data")
-    os.rename(tree / tops.pop(), dest)
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            # The "data" filter rejects links out of the tree, paths that climb
+            # out of it and device files, and strips leading slashes (Python
+            # 3.11.4 and later).
+            tar.extractall(tree, filter="data")
+    except tarfile.TarError as exc:
+        raise PolicyError(
+            f"the decrypted archive is not a tar archive or has an entry that is "
+            f"unsafe to extract ({exc}); decrypt it with gpg and inspect it."
+        ) from exc
+
+    entries = list(tree.iterdir()) if tree.is_dir() else []
+    if len(entries) != 1 or not entries[0].is_dir():
+        raise PolicyError(
+            f"the decrypted archive contains {len(entries)} top-level entries, not "
+            "one folder; decrypt it with gpg and inspect it."
+        )
+    os.rename(entries[0], dest)
 
 
 def _remember_file(lab: Lab, vault: Vault, record: KeyRecord, path: Path) -> None:
