@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import Ratio
-from trekeys import pgpfile, transfer
+from trekeys import gpgrun, pgpfile, transfer
 from trekeys.vault import KdfSettings, Vault, VaultCredentials
 
 PASSPHRASE = "benchmark-passphrase-not-secret-7341"
@@ -198,7 +198,7 @@ def _gpg_encrypt(
         *pgpfile.S2kSettings.test().arguments(), "--symmetric", "--encrypt",
         "--recipient", escrow.fingerprint, "--output", str(cipher), str(plain),
     ]  # fmt: skip
-    run = pgpfile.run_gpg(home, arguments, passphrase=PASSPHRASE)
+    run = gpgrun.run_gpg(home, arguments, passphrase=PASSPHRASE)
     if run.returncode != 0:
         raise RuntimeError(f"gpg failed: {run.stderr_tail}")
     _fsync(cipher)
@@ -223,7 +223,7 @@ def _gpg_decrypt(work: Path, home: Path) -> None:
         "--decrypt",
         str(work / "gpg.gpg"),
     ]
-    run = pgpfile.run_gpg(home, arguments, passphrase=PASSPHRASE)
+    run = gpgrun.run_gpg(home, arguments, passphrase=PASSPHRASE)
     if run.returncode != 0:
         raise RuntimeError(f"gpg failed: {run.stderr_tail}")
 

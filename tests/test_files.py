@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trekeys import files, pgpfile
+from trekeys import files, gpgrun, pgpfile
 from trekeys.drills import run_drills
 from trekeys.errors import (
     CredentialError,
@@ -136,7 +136,7 @@ def test_plain_gpg_opens_file_with_passphrase(plain, encrypted, tmp_path):
 def test_plain_gpg_opens_file_with_escrow_key(lab, plain, encrypted, tmp_path):
     with lab.open_vault() as vault:
         secret = vault.read_secret("files/alice", "standard tool test")
-    with pgpfile.temporary_home() as home:
+    with gpgrun.temporary_home() as home:
         imported = subprocess.run(
             ["gpg", "--homedir", str(home), "--batch", "--import"],
             input=secret,

@@ -17,26 +17,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
-import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from zxcvbn import zxcvbn
 
-from trekeys import pgpfile
+from trekeys import archives, pgpfile
 from trekeys.errors import (
     CredentialError,
-    DestinationExistsError,
-    PolicyError,
     RecordError,
-    WeakPassphraseError,
 )
 from trekeys.lab import Lab
-from trekeys.outputs import staged_path
+from trekeys.passphrases import check_passphrase_strength, generate_passphrase
 from trekeys.pgpfile import S2kSettings
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.rotation import next_key_id, retire_key
@@ -47,10 +42,7 @@ logger = logging.getLogger(__name__)
 ESCROW_ROLE = "escrow"
 PASSPHRASE_ROLE = "passphrase"
 FILE_SUFFIX = ".gpg"
-FOLDER_SUFFIX = ".tar.gpg"
-# zxcvbn scores run from 0 to 4; 3 means "safely unguessable" (about 10^10
-# guesses) against an offline attack on a slow hash.
-MIN_PASSPHRASE_SCORE = 3
+FOLDER_SUFFIX = archives.FOLDER_SUFFIX
 ESCROW_CRYPTOPERIOD_DAYS = 730
 
 
@@ -62,47 +54,6 @@ def escrow_home(lab: Lab) -> Path:
 def s2k_settings(lab: Lab) -> S2kSettings:
     """Return the passphrase S2K settings that match the lab's KDF strength."""
     return S2kSettings.test() if lab.fast_kdf else S2kSettings.production()
-
-
-def check_passphrase_strength(
-    passphrase: str,
-    *,
-    user_inputs: Sequence[str] = (),
-    min_score: int = MIN_PASSPHRASE_SCORE,
-) -> int:
-    """Estimate how guessable a passphrase is with zxcvbn and reject weak ones.
-
-    Args:
-        passphrase: the passphrase; it never appears in a message or log.
-        user_inputs: words an attacker would try first, such as the user name.
-        min_score: the lowest zxcvbn score (0 to 4) accepted.
-
-    Returns:
-        The zxcvbn score.
-
-    Raises:
-        WeakPassphraseError: the score is below `min_score`; the message gives
-            zxcvbn's warning and suggestions.
-    """
-    pgpfile.check_passphrase_characters(passphrase)
-    result = zxcvbn(passphrase, user_inputs=list(user_inputs))
-    score = int(result["score"])
-    if score >= min_score:
-        return score
-
-    feedback = result.get("feedback") or {}
-    reasons = [feedback.get("warning") or ""] + list(feedback.get("suggestions") or [])
-    advice = " ".join(r.strip() for r in reasons if r and r.strip())
-    raise WeakPassphraseError(
-        f"the passphrase is too easy to guess (strength {score} of 4, at least "
-        f"{min_score} required). {advice or 'Use a longer passphrase.'} "
-        "Choose a longer passphrase of several uncommon words."
-    )
-
-
-def generate_passphrase() -> str:
-    """Return a random passphrase of 144 bits, for demo users and rotations."""
-    return secrets.token_urlsafe(18)
 
 
 # Keys and records
@@ -236,7 +187,7 @@ def decrypt_path(
     def run(out: Path) -> None:
         pgpfile.decrypt(Path(source), out, passphrase=passphrase)
 
-    return _write_plaintext(Path(source), Path(dest), run, overwrite=overwrite)
+    return archives.write_plaintext(Path(source), Path(dest), run, overwrite=overwrite)
 
 
 def decrypt_with_stored_passphrase(
@@ -294,7 +245,7 @@ def recover_path(
                 source, out, secret_key=secret.decode("ascii"), key_label=record.id
             )
 
-        _write_plaintext(source, dest, run, overwrite=overwrite)
+        archives.write_plaintext(source, dest, run, overwrite=overwrite)
     except Exception:
         vault.record_operation("escrow-recovery", record.id, "failure", detail)
         logger.warning("escrow recovery of %s with %s failed", source, record.id)
@@ -471,7 +422,7 @@ def _encrypt(
     content: Path | Callable[[IO[bytes]], None] = source
     literal_name = source.name
     if source.is_dir():
-        content = _tar_writer(source)
+        content = archives.tar_writer(source)
         literal_name = source.name + ".tar"
     pgpfile.encrypt(
         content,
@@ -483,66 +434,6 @@ def _encrypt(
         literal_name=literal_name,
         overwrite=overwrite,
     )
-
-
-def _tar_writer(folder: Path) -> Callable[[IO[bytes]], None]:
-    def write(pipe: IO[bytes]) -> None:
-        with tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(folder, arcname=folder.name)
-
-    return write
-
-
-def _write_plaintext(
-    source: Path,
-    dest: Path,
-    run: Callable[[Path], None],
-    *,
-    overwrite: bool,
-) -> Path:
-    if not source.name.endswith(FOLDER_SUFFIX):
-        with staged_path(dest, overwrite=overwrite) as out:
-            run(out)
-        return dest
-
-    # A folder is never merged into or swapped for an existing one.
-    if dest.exists():
-        raise DestinationExistsError(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".{dest.name}.", suffix=".trekeys-partial", dir=dest.parent
-        )
-    )
-    try:
-        archive = staging / "archive.tar"
-        run(archive)
-        _extract_single_folder(archive, staging / "tree", dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
-
-
-def _extract_single_folder(archive: Path, tree: Path, dest: Path) -> None:
-    try:
-        with tarfile.open(archive, "r:") as tar:
-            # The "data" filter rejects links out of the tree, paths that climb
-            # out of it and device files, and strips leading slashes (Python
-            # 3.11.4 and later).
-            tar.extractall(tree, filter="data")
-    except tarfile.TarError as exc:
-        raise PolicyError(
-            f"the decrypted archive is not a tar archive or has an entry that is "
-            f"unsafe to extract ({exc}); decrypt it with gpg and inspect it."
-        ) from exc
-
-    entries = list(tree.iterdir()) if tree.is_dir() else []
-    if len(entries) != 1 or not entries[0].is_dir():
-        raise PolicyError(
-            f"the decrypted archive contains {len(entries)} top-level entries, not "
-            "one folder; decrypt it with gpg and inspect it."
-        )
-    os.rename(entries[0], dest)
 
 
 def _remember_file(lab: Lab, vault: Vault, record: KeyRecord, path: Path) -> None:

@@ -8,6 +8,7 @@ import click
 
 from trekeys import files
 from trekeys.cli.common import lab_option, open_lab_vault, share_option
+from trekeys.passphrases import check_passphrase_strength
 from trekeys.runbook import read_secret_input
 
 passphrase_file_option = click.option(
@@ -61,7 +62,7 @@ def encrypt(lab_dir, share_files, user, source, output, passphrase_file, overwri
         passphrase = click.prompt(
             "Passphrase (not echoed)", hide_input=True, confirmation_prompt=True
         )
-    files.check_passphrase_strength(passphrase, user_inputs=[user])
+    check_passphrase_strength(passphrase, user_inputs=[user])
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
         dest = files.encrypt_path(
