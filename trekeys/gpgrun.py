@@ -23,7 +23,7 @@ from trekeys.errors import CredentialError, ToolMissingError
 logger = logging.getLogger(__name__)
 
 STATUS_PREFIX = "[GNUPG:] "
-# gpg reads a passphrase up to the first newline, so one cannot hold a newline.
+# gpg reads a passphrase up to the first newline, so it cannot contain one.
 _FORBIDDEN_PASSPHRASE_CHARACTERS = ("\n", "\r", "\0")
 
 
@@ -157,8 +157,8 @@ def temporary_home() -> Iterator[Path]:
     try:
         yield home
     finally:
-        # Only a secret-key import starts an agent; without its socket there
-        # is nothing to stop.
+        # Only a secret-key import starts an agent, so without its socket
+        # there is nothing to stop.
         if any(home.glob("S.gpg-agent*")):
             subprocess.run(
                 ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],

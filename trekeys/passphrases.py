@@ -2,7 +2,7 @@
 
 zxcvbn estimates how many guesses an attacker needs, from dictionaries of
 common passwords, names and words, keyboard patterns, dates and repeats. Its
-feedback says why a passphrase is weak, without repeating the passphrase.
+feedback explains why a passphrase is weak, without repeating the passphrase.
 """
 
 from __future__ import annotations
