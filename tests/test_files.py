@@ -516,3 +516,69 @@ def test_unsafe_archive_not_extracted(lab, tmp_path, case):
     assert not (tmp_path / "escape.txt").exists()
     assert not (tmp_path.parent / "escape.txt").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_passphrase_never_in_gpg_argv(lab, tmp_path):
+    import threading
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as handle:
+        for _ in range(24):
+            handle.write(os.urandom(4 << 20))
+    with lab.open_vault() as vault:
+        fingerprint = vault.get("files/alice").fingerprint
+    home = str(files.escrow_home(lab))
+    worker = threading.Thread(
+        target=pgpfile.encrypt,
+        args=(big, tmp_path / "big.gpg"),
+        kwargs={
+            "home": files.escrow_home(lab),
+            "recipient": fingerprint,
+            "passphrase": PASSPHRASE,
+            "settings": pgpfile.S2kSettings.test(),
+        },
+    )
+    seen: list[list[str]] = []
+    worker.start()
+    while worker.is_alive():
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            words = [w.decode(errors="replace") for w in argv if w]
+            if home in words and words not in seen:
+                seen.append(words)
+        time.sleep(0.005)
+    worker.join()
+
+    assert seen, "no gpg process was observed"
+    for words in seen:
+        assert "--passphrase-fd" in words
+        assert not any(PASSPHRASE in word for word in words)
+
+
+@pytest.mark.parametrize(
+    ("settings", "count"),
+    [(pgpfile.S2kSettings.test(), 65536), (pgpfile.S2kSettings.production(), 65011712)],
+)
+def test_s2k_count_reaches_message(lab, plain, tmp_path, settings, count):
+    with lab.open_vault() as vault:
+        fingerprint = vault.get("files/alice").fingerprint
+    cipher = tmp_path / "c.gpg"
+    pgpfile.encrypt(
+        plain,
+        cipher,
+        home=files.escrow_home(lab),
+        recipient=fingerprint,
+        passphrase=PASSPHRASE,
+        settings=settings,
+    )
+    with gpgrun.temporary_home() as home:
+        listing = subprocess.run(
+            ["gpg", "--homedir", str(home), "--batch", "--list-packets", str(cipher)],
+            capture_output=True,
+            text=True,
+        )
+    assert f"count {count} " in listing.stdout
+    assert "cipher 9" in listing.stdout
