@@ -582,3 +582,27 @@ def test_s2k_count_reaches_message(lab, plain, tmp_path, settings, count):
         )
     assert f"count {count} " in listing.stdout
     assert "cipher 9" in listing.stdout
+
+
+def test_failed_rotation_changes_no_file(lab, plain, tmp_path):
+    with lab.open_vault() as vault:
+        good = files.encrypt_path(lab, vault, "alice", plain, passphrase=PASSPHRASE)
+        second = plain.with_name("second.csv")
+        second.write_bytes(b"second file\n")
+        damaged = files.encrypt_path(lab, vault, "alice", second, passphrase=PASSPHRASE)
+    corrupt(damaged, damaged, flip_at=200)
+    before = {good: digest(good), damaged: digest(damaged)}
+
+    with pytest.raises(IntegrityError):
+        with lab.open_vault() as vault:
+            files.rotate_key(
+                lab, vault, "files/alice", reason="drill", compromised=False
+            )
+
+    with lab.open_vault() as vault:
+        assert vault.get("files/alice").state is KeyState.ACTIVE
+        assert vault.get("files/alice.v2").is_tombstone
+        assert files.find_user_key(vault, "alice", "escrow").id == "files/alice"
+    assert {path: digest(path) for path in before} == before
+    assert not [p for p in good.parent.iterdir() if p.name.startswith(".trekeys")]
+    files.decrypt_path(good, tmp_path / "still-open.csv", passphrase=PASSPHRASE)

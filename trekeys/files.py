@@ -60,7 +60,12 @@ def s2k_settings(lab: Lab) -> S2kSettings:
 
 
 def create_escrow_key(
-    lab: Lab, vault: Vault, user: str, *, key_id: str | None = None
+    lab: Lab,
+    vault: Vault,
+    user: str,
+    *,
+    key_id: str | None = None,
+    state: KeyState = KeyState.ACTIVE,
 ) -> KeyRecord:
     """Create a user's escrow key, store it in the vault and its public key in the
     escrow keyring."""
@@ -72,7 +77,7 @@ def create_escrow_key(
         kind=KeyKind.FILE_KEY,
         purpose=f"Escrow key that recovers the files {user} encrypts (policy 4.1.2).",
         owner=f"user:{user}",
-        state=KeyState.ACTIVE,
+        state=state,
         cryptoperiod_days=ESCROW_CRYPTOPERIOD_DAYS,
         fingerprint=escrow.fingerprint,
         algorithm="OpenPGP Ed25519 with Curve25519 (ECDH) encryption subkey",
@@ -86,13 +91,19 @@ def create_escrow_key(
             "files": "[]",
         },
     )
-    record.activated = record.created
+    if state is KeyState.ACTIVE:
+        record.activated = record.created
     vault.add(record, escrow.secret, attachments={"public.asc": escrow.public.encode()})
     return record
 
 
 def store_passphrase(
-    vault: Vault, user: str, passphrase: str, *, key_id: str | None = None
+    vault: Vault,
+    user: str,
+    passphrase: str,
+    *,
+    key_id: str | None = None,
+    state: KeyState = KeyState.ACTIVE,
 ) -> KeyRecord:
     """Store a user's file passphrase in the vault (policy 4.1.2: the key manager
     stores the keys that users' passphrases operate)."""
@@ -103,7 +114,7 @@ def store_passphrase(
         purpose=f"Passphrase with which {user} encrypts their files.",
         owner=f"user:{user}",
         custodian=f"user {user} and TRE System Administrators",
-        state=KeyState.ACTIVE,
+        state=state,
         algorithm="OpenPGP passphrase (iterated and salted S2K, AES-256)",
         # zxcvbn's guess estimate in bits, capped by the AES-256 session key.
         strength_bits=min(256, int(float(estimate["guesses_log10"]) * 3.3219)),
@@ -111,7 +122,8 @@ def store_passphrase(
         locations=["vault", f"memory of {user}"],
         attributes={"role": PASSPHRASE_ROLE, "user": user},
     )
-    record.activated = record.created
+    if state is KeyState.ACTIVE:
+        record.activated = record.created
     vault.add(record, passphrase)
     return record
 
@@ -263,10 +275,12 @@ def rotate_key(
 ) -> list[str]:
     """Replace a user's escrow key or passphrase and re-encrypt their files.
 
-    An escrow key is replaced by a new key pair; a passphrase by a new random
-    one. Every file the old key protects is decrypted from the escrow and
-    encrypted again, and each new ciphertext is checked before it replaces the
-    old one. The old key becomes compromised or deactivated.
+    An escrow key is replaced by a new key pair, a passphrase by a new random
+    one. The new key is saved in the vault before any file depends on it.
+    Every file the old key protects is then encrypted again into a staging
+    file and test-decrypted with the new key. Only when all of them pass do
+    they replace the old ciphertexts, and the new key becomes active. If any
+    file fails, the new key is destroyed and every file stays as it was.
 
     Returns:
         The ids of the new keys.
@@ -281,25 +295,40 @@ def rotate_key(
     new_escrow, new_passphrase = escrow, passphrase_record
     if record.attributes.get("role") == PASSPHRASE_ROLE:
         new_passphrase = store_passphrase(
-            vault, user, generate_passphrase(), key_id=next_key_id(vault, key_id)
+            vault,
+            user,
+            generate_passphrase(),
+            key_id=next_key_id(vault, key_id),
+            state=KeyState.PRE_ACTIVATION,
         )
-        new_ids = [new_passphrase.id]
+        new_key = new_passphrase
     else:
         new_escrow = create_escrow_key(
-            lab, vault, user, key_id=next_key_id(vault, escrow.id)
+            lab,
+            vault,
+            user,
+            key_id=next_key_id(vault, escrow.id),
+            state=KeyState.PRE_ACTIVATION,
         )
-        new_ids = [new_escrow.id]
+        new_key = new_escrow
+    vault.save()
 
     passphrase = (
         vault.read_secret(new_passphrase.id, f"rotation: {reason}").decode("utf-8")
         if new_passphrase is not None
         else None
     )
-    _reencrypt_files(lab, vault, escrow, new_escrow, passphrase, reason)
+    try:
+        _reencrypt_files(lab, vault, escrow, new_escrow, passphrase, reason)
+    except BaseException:
+        vault.destroy(new_key.id, f"rotation of {key_id} failed; no file changed")
+        vault.save()
+        raise
 
+    vault.transition(new_key.id, KeyState.ACTIVE, f"replaces {key_id}: {reason}")
     retire_key(vault, key_id, reason=reason, compromised=compromised)
-    logger.info("rotated %s to %s", key_id, ", ".join(new_ids))
-    return new_ids
+    logger.info("rotated %s to %s", key_id, new_key.id)
+    return [new_key.id]
 
 
 def _reencrypt_files(
@@ -316,33 +345,38 @@ def _reencrypt_files(
             "key only, and the user must encrypt them again with a passphrase",
             old.attributes.get("user"),
         )
-    for path in protected_files(lab, old):
-        if not path.exists():
-            logger.warning("protected file %s is missing; skipped", path)
-            continue
-        staging = Path(tempfile.mkdtemp(prefix=".trekeys-rotate-", dir=path.parent))
-        try:
+    old_secret = vault.read_secret(old.id, f"re-encryption: {reason}").decode()
+    new_secret = vault.read_secret(new.id, f"check re-encryption: {reason}").decode()
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path in protected_files(lab, old):
+            if not path.exists():
+                logger.warning("protected file %s is missing; skipped", path)
+                continue
+            staging = Path(tempfile.mkdtemp(prefix=".trekeys-rotate-", dir=path.parent))
+            staged.append((path, staging))
             plain = staging / "plain"
-            secret = vault.read_secret(old.id, f"re-encryption: {reason}")
-            pgpfile.decrypt(path, plain, secret_key=secret.decode("ascii"))
-            rewritten = staging / "new.gpg"
+            pgpfile.decrypt(path, plain, secret_key=old_secret)
             pgpfile.encrypt(
                 plain,
-                rewritten,
+                staging / "new.gpg",
                 home=escrow_home(lab),
                 recipient=new.fingerprint,
                 passphrase=passphrase,
                 settings=s2k_settings(lab),
                 literal_name=path.name.removesuffix(FILE_SUFFIX),
             )
-            new_secret = vault.read_secret(new.id, f"check re-encryption: {reason}")
-            pgpfile.decrypt(
-                rewritten, staging / "check", secret_key=new_secret.decode("ascii")
-            )
-            os.replace(rewritten, path)
-        finally:
+            plain.unlink()
+            pgpfile.decrypt(staging / "new.gpg", plain, secret_key=new_secret)
+            plain.unlink()
+
+        # Every new ciphertext passed its check, so the old ones can go.
+        for path, staging in staged:
+            os.replace(staging / "new.gpg", path)
+            _remember_file(lab, vault, new, path)
+    finally:
+        for _, staging in staged:
             shutil.rmtree(staging, ignore_errors=True)
-        _remember_file(lab, vault, new, path)
 
 
 # Lab
