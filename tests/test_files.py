@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trekeys import files, gpgrun, pgpfile
+from trekeys import escrow, files, gpgrun, pgpfile
 from trekeys.drills import run_drills
 from trekeys.errors import (
     CredentialError,
@@ -34,9 +34,9 @@ def lab_template(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     """A lab where alice and bob have escrow keys and alice's passphrase is stored."""
     template = create_lab(tmp_path_factory.mktemp("files") / "lab", steps=[])
     with template.open_vault() as vault:
-        files.create_escrow_key(template, vault, "alice")
-        files.create_escrow_key(template, vault, "bob")
-        files.store_passphrase(vault, "alice", PASSPHRASE)
+        escrow.create_escrow_key(template, vault, "alice")
+        escrow.create_escrow_key(template, vault, "bob")
+        escrow.store_passphrase(vault, "alice", PASSPHRASE)
     return template
 
 
@@ -104,7 +104,7 @@ def test_escrow_record_lists_protected_files(lab, encrypted):
         record = vault.get("files/alice")
     assert record.protects == ["files:alice"]
     assert record.owner == "user:alice"
-    assert files.protected_files(lab, record) == [encrypted]
+    assert escrow.protected_files(lab, record) == [encrypted]
 
 
 def gpg_decrypt(home: Path, source: Path, dest: Path, passphrase: str | None):
@@ -222,12 +222,12 @@ def test_file_of_other_escrow_key_rejected(lab, encrypted, tmp_path):
 
 def test_file_of_foreign_escrow_key_rejected(lab, plain, tmp_path):
     foreign = pgpfile.generate_escrow_key("another TRE")
-    pgpfile.import_key(files.escrow_home(lab), foreign.public)
+    pgpfile.import_key(escrow.escrow_home(lab), foreign.public)
     cipher = tmp_path / "foreign.gpg"
     pgpfile.encrypt(
         plain,
         cipher,
-        home=files.escrow_home(lab),
+        home=escrow.escrow_home(lab),
         recipient=foreign.fingerprint,
         passphrase=PASSPHRASE,
         settings=pgpfile.S2kSettings.test(),
@@ -291,7 +291,7 @@ def test_interrupted_encryption_leaves_nothing(lab, tmp_path):
 
     child = subprocess.Popen(
         [sys.executable, "-c", _INTERRUPTED_ENCRYPTION, str(big), str(dest)]
-        + [str(files.escrow_home(lab)), fingerprint],
+        + [str(escrow.escrow_home(lab)), fingerprint],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -349,7 +349,7 @@ def test_rotate_escrow_key_reencrypts_files(lab, plain, encrypted, tmp_path):
         new = vault.get(new_ids[0])
         assert vault.get("files/alice").state is KeyState.COMPROMISED
         assert new.state is KeyState.ACTIVE
-        assert files.protected_files(lab, new) == [encrypted]
+        assert escrow.protected_files(lab, new) == [encrypted]
         assert pgpfile.list_recipients(encrypted) == [
             new.attributes["encryption_key_id"]
         ]
@@ -386,7 +386,7 @@ def test_lab_users_have_escrow_and_passphrase(full_lab):
     with full_lab.open_vault() as vault:
         for instance, users in full_lab.instances.items():
             for user in users:
-                summary = files.user_summary(full_lab, vault, user)
+                summary = escrow.user_summary(full_lab, vault, user)
                 assert summary["escrow key"] == f"files/{user}"
                 assert len(summary["files"]) == 2
                 folder = full_lab.instance_dir(instance) / "user-files" / user
@@ -498,7 +498,7 @@ def test_unsafe_archive_not_extracted(lab, tmp_path, case):
     pgpfile.encrypt(
         write_archive,
         cipher,
-        home=files.escrow_home(lab),
+        home=escrow.escrow_home(lab),
         recipient=fingerprint,
         passphrase=PASSPHRASE,
         settings=pgpfile.S2kSettings.test(),
@@ -527,12 +527,12 @@ def test_passphrase_never_in_gpg_argv(lab, tmp_path):
             handle.write(os.urandom(4 << 20))
     with lab.open_vault() as vault:
         fingerprint = vault.get("files/alice").fingerprint
-    home = str(files.escrow_home(lab))
+    home = str(escrow.escrow_home(lab))
     worker = threading.Thread(
         target=pgpfile.encrypt,
         args=(big, tmp_path / "big.gpg"),
         kwargs={
-            "home": files.escrow_home(lab),
+            "home": escrow.escrow_home(lab),
             "recipient": fingerprint,
             "passphrase": PASSPHRASE,
             "settings": pgpfile.S2kSettings.test(),
@@ -569,7 +569,7 @@ def test_s2k_count_reaches_message(lab, plain, tmp_path, settings, count):
     pgpfile.encrypt(
         plain,
         cipher,
-        home=files.escrow_home(lab),
+        home=escrow.escrow_home(lab),
         recipient=fingerprint,
         passphrase=PASSPHRASE,
         settings=settings,
@@ -602,7 +602,7 @@ def test_failed_rotation_changes_no_file(lab, plain, tmp_path):
     with lab.open_vault() as vault:
         assert vault.get("files/alice").state is KeyState.ACTIVE
         assert vault.get("files/alice.v2").is_tombstone
-        assert files.find_user_key(vault, "alice", "escrow").id == "files/alice"
+        assert escrow.find_user_key(vault, "alice", "escrow").id == "files/alice"
     assert {path: digest(path) for path in before} == before
     assert not [p for p in good.parent.iterdir() if p.name.startswith(".trekeys")]
     files.decrypt_path(good, tmp_path / "still-open.csv", passphrase=PASSPHRASE)

@@ -1,144 +1,58 @@
 """User file encryption with escrowed keys.
 
 TRE users protect the data they copy into their home folders with a
-passphrase, and the key manager stores the keys that open it. Each user has
-an OpenPGP escrow key pair (``files/<user>``): its secret key lives only in
-the vault, its public key in the escrow keyring. A user's file or folder is
-encrypted once, as one OpenPGP message that both the user's passphrase and
-the escrow key open (see `trekeys.pgpfile`). A folder is streamed as a tar
-archive and named ``<folder>.tar.gpg``.
-
-The escrow record lists the ciphertexts that trekeys made with it, with
-paths relative to the lab folder when they lie inside it.
+passphrase, and the key manager stores the keys that open it. A user's file
+or folder is encrypted once, as one OpenPGP message that both the user's
+passphrase and their escrow key (`trekeys.escrow`) open (see
+`trekeys.pgpfile`). A folder is streamed as a tar archive and named
+``<folder>.tar.gpg``. Recovery from the escrow is audited, and rotation
+re-encrypts every file a replaced key protects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
-
-from zxcvbn import zxcvbn
+from typing import IO
 
 from trekeys import archives, pgpfile
 from trekeys.errors import (
     CredentialError,
     RecordError,
 )
+from trekeys.escrow import (
+    ESCROW_ROLE,
+    PASSPHRASE_ROLE,
+    create_escrow_key,
+    escrow_home,
+    escrow_key_for,
+    find_user_key,
+    lab_reference,
+    protected_files,
+    remember_file,
+    require_escrow_key,
+    store_passphrase,
+)
 from trekeys.lab import Lab
 from trekeys.passphrases import check_passphrase_strength, generate_passphrase
 from trekeys.pgpfile import S2kSettings
-from trekeys.records import KeyKind, KeyRecord, KeyState
+from trekeys.records import KeyRecord, KeyState
 from trekeys.rotation import next_key_id, retire_key
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
 
-ESCROW_ROLE = "escrow"
-PASSPHRASE_ROLE = "passphrase"
 FILE_SUFFIX = ".gpg"
 FOLDER_SUFFIX = archives.FOLDER_SUFFIX
-ESCROW_CRYPTOPERIOD_DAYS = 730
-
-
-def escrow_home(lab: Lab) -> Path:
-    """Return the GNUPGHOME that contains the escrow public keys of the lab."""
-    return lab.root / "keyrings" / "escrow"
 
 
 def s2k_settings(lab: Lab) -> S2kSettings:
     """Return the passphrase S2K settings that match the lab's KDF strength."""
     return S2kSettings.test() if lab.fast_kdf else S2kSettings.production()
-
-
-# Keys and records
-
-
-def create_escrow_key(
-    lab: Lab,
-    vault: Vault,
-    user: str,
-    *,
-    key_id: str | None = None,
-    state: KeyState = KeyState.ACTIVE,
-) -> KeyRecord:
-    """Create a user's escrow key, store it in the vault and its public key in the
-    escrow keyring."""
-    key_id = key_id or f"files/{user}"
-    escrow = pgpfile.generate_escrow_key(f"trekeys escrow {key_id}")
-    pgpfile.import_key(escrow_home(lab), escrow.public)
-    record = KeyRecord(
-        id=key_id,
-        kind=KeyKind.FILE_KEY,
-        purpose=f"Escrow key that recovers the files {user} encrypts (policy 4.1.2).",
-        owner=f"user:{user}",
-        state=state,
-        cryptoperiod_days=ESCROW_CRYPTOPERIOD_DAYS,
-        fingerprint=escrow.fingerprint,
-        algorithm="OpenPGP Ed25519 with Curve25519 (ECDH) encryption subkey",
-        strength_bits=128,
-        protects=[f"files:{user}"],
-        locations=["vault", f"public key in {_reference(lab, escrow_home(lab))}"],
-        attributes={
-            "role": ESCROW_ROLE,
-            "user": user,
-            "encryption_key_id": escrow.encryption_key_id,
-            "files": "[]",
-        },
-    )
-    if state is KeyState.ACTIVE:
-        record.activated = record.created
-    vault.add(record, escrow.secret, attachments={"public.asc": escrow.public.encode()})
-    return record
-
-
-def store_passphrase(
-    vault: Vault,
-    user: str,
-    passphrase: str,
-    *,
-    key_id: str | None = None,
-    state: KeyState = KeyState.ACTIVE,
-) -> KeyRecord:
-    """Store a user's file passphrase in the vault (policy 4.1.2: the key manager
-    stores the keys that users' passphrases operate)."""
-    estimate = zxcvbn(passphrase)
-    record = KeyRecord(
-        id=key_id or f"files/{user}/passphrase",
-        kind=KeyKind.FILE_KEY,
-        purpose=f"Passphrase with which {user} encrypts their files.",
-        owner=f"user:{user}",
-        custodian=f"user {user} and TRE System Administrators",
-        state=state,
-        algorithm="OpenPGP passphrase (iterated and salted S2K, AES-256)",
-        # zxcvbn's guess estimate in bits, capped by the AES-256 session key.
-        strength_bits=min(256, int(float(estimate["guesses_log10"]) * 3.3219)),
-        protects=[f"files:{user}"],
-        locations=["vault", f"memory of {user}"],
-        attributes={"role": PASSPHRASE_ROLE, "user": user},
-    )
-    if state is KeyState.ACTIVE:
-        record.activated = record.created
-    vault.add(record, passphrase)
-    return record
-
-
-def find_user_key(vault: Vault, user: str, role: str) -> KeyRecord | None:
-    """Return the active escrow or passphrase record of `user`, or None."""
-    for record in vault.find(kind=KeyKind.FILE_KEY.value, owner=f"user:{user}"):
-        if record.attributes.get("role") == role and record.state is KeyState.ACTIVE:
-            return record
-    return None
-
-
-def protected_files(lab: Lab, record: KeyRecord) -> list[Path]:
-    """Return the ciphertexts that trekeys encrypted for an escrow record."""
-    return [_resolve(lab, ref) for ref in json.loads(record.attributes["files"])]
 
 
 # Encryption and recovery
@@ -175,13 +89,13 @@ def encrypt_path(
     source = Path(source)
     if check_strength:
         check_passphrase_strength(passphrase, user_inputs=[user])
-    record = _require_escrow_key(vault, user)
+    record = require_escrow_key(vault, user)
     suffix = FOLDER_SUFFIX if source.is_dir() else FILE_SUFFIX
     dest = Path(dest) if dest else source.with_name(source.name + suffix)
 
     _encrypt(lab, record, source, dest, passphrase, overwrite=overwrite)
 
-    _remember_file(lab, vault, record, dest)
+    remember_file(lab, vault, record, dest)
     return dest
 
 
@@ -239,7 +153,7 @@ def recover_path(
     if not reason.strip():
         raise RecordError("escrow recovery needs a reason for the audit log.")
     recipients = pgpfile.list_recipients(source)
-    record = vault.get(key_id) if key_id else _escrow_key_for(vault, recipients, source)
+    record = vault.get(key_id) if key_id else escrow_key_for(vault, recipients, source)
     subkey = record.attributes.get("encryption_key_id", "")
     if subkey not in recipients:
         raise CredentialError(
@@ -248,7 +162,9 @@ def recover_path(
             f"{record.id} ({subkey}); recover it with the escrow key that matches."
         )
 
-    detail = f"{_reference(lab, source)} -> {_reference(lab, dest)}; reason: {reason}"
+    detail = (
+        f"{lab_reference(lab, source)} -> {lab_reference(lab, dest)}; reason: {reason}"
+    )
     try:
         secret = vault.read_secret(record.id, f"escrow recovery: {reason}")
 
@@ -373,7 +289,7 @@ def _reencrypt_files(
         # Every new ciphertext passed its check, so the old ones can go.
         for path, staging in staged:
             os.replace(staging / "new.gpg", path)
-            _remember_file(lab, vault, new, path)
+            remember_file(lab, vault, new, path)
     finally:
         for _, staging in staged:
             shutil.rmtree(staging, ignore_errors=True)
@@ -423,27 +339,6 @@ def _remove_plaintext(path: Path) -> None:
 # Internals
 
 
-def _require_escrow_key(vault: Vault, user: str) -> KeyRecord:
-    record = find_user_key(vault, user, ESCROW_ROLE)
-    if record is None:
-        raise RecordError(
-            f"user {user} has no active escrow key in the vault; create one with "
-            f"'trekeys files create-key {user}'."
-        )
-    return record
-
-
-def _escrow_key_for(vault: Vault, recipients: list[str], source: Path) -> KeyRecord:
-    for record in vault.find(kind=KeyKind.FILE_KEY.value):
-        if record.attributes.get("encryption_key_id") in recipients:
-            return record
-    raise CredentialError(
-        f"{source} is encrypted to OpenPGP key "
-        f"{', '.join(recipients) or 'none (passphrase only)'}, and no escrow key in "
-        "the vault matches; check that the file comes from this TRE."
-    )
-
-
 def _encrypt(
     lab: Lab,
     record: KeyRecord,
@@ -468,37 +363,3 @@ def _encrypt(
         literal_name=literal_name,
         overwrite=overwrite,
     )
-
-
-def _remember_file(lab: Lab, vault: Vault, record: KeyRecord, path: Path) -> None:
-    files = json.loads(record.attributes.get("files", "[]"))
-    reference = _reference(lab, path)
-    if reference not in files:
-        files.append(reference)
-        record.attributes["files"] = json.dumps(files)
-        vault.update(record, operation="protect-file", detail=reference)
-
-
-def _reference(lab: Lab, path: Path) -> str:
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(lab.root))
-    except ValueError:
-        return str(resolved)
-
-
-def _resolve(lab: Lab, reference: str) -> Path:
-    path = Path(reference)
-    return path if path.is_absolute() else lab.root / path
-
-
-def user_summary(lab: Lab, vault: Vault, user: str) -> dict[str, Any]:
-    """Return a user's active escrow and passphrase key ids and protected files."""
-    escrow = find_user_key(vault, user, ESCROW_ROLE)
-    passphrase = find_user_key(vault, user, PASSPHRASE_ROLE)
-    return {
-        "user": user,
-        "escrow key": escrow.id if escrow else "none",
-        "passphrase key": passphrase.id if passphrase else "none",
-        "files": [str(p) for p in protected_files(lab, escrow)] if escrow else [],
-    }

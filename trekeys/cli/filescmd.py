@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from trekeys import files
+from trekeys import escrow, files
 from trekeys.cli.common import lab_option, open_lab_vault, share_option
 from trekeys.passphrases import check_passphrase_strength
 from trekeys.runbook import read_secret_input
@@ -38,7 +38,7 @@ def create_key(lab_dir, share_files, user) -> None:
     """Create the escrow key of USER."""
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
-        record = files.create_escrow_key(lab, vault, user)
+        record = escrow.create_escrow_key(lab, vault, user)
     click.echo(f"{record.id} created (OpenPGP {record.fingerprint})")
 
 
@@ -109,7 +109,7 @@ def show(lab_dir, share_files, user) -> None:
     """Show USER's escrow and passphrase keys and the files they protect."""
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
-        summary = files.user_summary(lab, vault, user)
+        summary = escrow.user_summary(lab, vault, user)
     for name in ("user", "escrow key", "passphrase key"):
         click.echo(f"{name}: {summary[name]}")
     for path in summary["files"]:
