@@ -140,7 +140,7 @@ def create_manifest(
         overwrite: replace `dest` if it exists.
 
     Raises:
-        PolicyError: the folder holds a symbolic link or a special file.
+        PolicyError: the folder contains a symbolic link or a special file.
         DestinationExistsError: `dest` exists and `overwrite` is false.
     """
     folder = Path(folder)
