@@ -17,11 +17,11 @@ from trekeys.errors import EndpointError, PolicyError
 from trekeys.lab import Lab, create_lab
 from trekeys.records import utcnow
 from trekeys.tls_endpoints import Endpoint, fetch_certificate
+from trekeys.tls_names import parse_subject_names
 from trekeys.tls_x509 import (
     build_service_certificate,
     certificate_pem,
     generate_private_key,
-    parse_subject_names,
     private_key_pem,
 )
 from trekeys.vault import Vault

@@ -16,10 +16,9 @@ are reported per certificate and per endpoint, and the audit always goes on.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,12 +35,14 @@ from cryptography.x509.verification import (
 from trekeys.errors import CertificateError, EndpointError
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyState
-from trekeys.tls_ca import deployment_targets, resolve_now
+from trekeys.tls_ca import (
+    resolve_now,
+)
+from trekeys.tls_deploy import deployment_targets
 from trekeys.tls_endpoints import (
     DEFAULT_TIMEOUT_SECONDS,
     Endpoint,
     fetch_certificate,
-    serve_tls,
     verify_endpoint,
 )
 from trekeys.tls_lifecycle import default_publish_dir
@@ -412,30 +413,6 @@ class _Auditor:
         finding.error = f"{path} is recorded as deployed but missing"
         finding.warnings.append("deployed file missing")
         return finding
-
-
-@contextlib.contextmanager
-def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
-    """Serve each active service key's deployed files on 127.0.0.1 for a drill.
-
-    A demo TRE has no running web servers, so the audit drill starts one
-    loopback server per deployment and audits it as a live endpoint.
-
-    Yields:
-        One endpoint per deployment whose files exist, named by its service.
-    """
-    with contextlib.ExitStack() as stack:
-        endpoints = []
-        records = vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value)
-        for record in records:
-            for target in deployment_targets(vault, record):
-                if not (target.chain_path.exists() and target.key_path.exists()):
-                    continue
-                served = stack.enter_context(
-                    serve_tls(target.chain_path, target.key_path)
-                )
-                endpoints.append(Endpoint(served.host, served.port, service_of(record)))
-        yield endpoints
 
 
 def _pem_files(folder: Path) -> list[Path]:
