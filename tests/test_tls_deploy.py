@@ -18,6 +18,7 @@ from tls_support import (
 
 from trekeys import tls
 from trekeys.errors import (
+    CertificateError,
     CertificateKeyMismatchError,
     DeploymentError,
     DestinationExistsError,
@@ -203,3 +204,10 @@ def test_undeploy_removes_files(vault: Vault, service_id: str, tmp_path: Path) -
     assert set(removed) == {target.chain_path, target.key_path}
     assert not target.key_path.exists()
     assert vault.get(service_id).attributes["deployments"] == "[]"
+
+
+def test_import_missing_file_rejected(vault: Vault, tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="cannot read .*missing.pem"):
+        tls.import_certificate(
+            vault, "x.tre.internal", tmp_path / "missing.pem", tmp_path / "k.pem"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +20,7 @@ from tls_support import (
 )
 
 from trekeys import tls
-from trekeys.errors import CertificateError, PolicyError
+from trekeys.errors import CertificateError, DeploymentError, PolicyError
 from trekeys.lab import Lab, create_lab
 from trekeys.records import KeyState, utcnow
 from trekeys.tls_records import load_record_certificate
@@ -121,6 +122,20 @@ def test_renew_same_key_past_cryptoperiod_rejected(vault: Vault) -> None:
         tls.renew_certificate(vault, record.id, now=utcnow() + timedelta(days=200))
 
     assert vault_state(vault) == before
+
+
+def test_renew_with_missing_deploy_folder_rejected(
+    vault: Vault, tmp_path: Path
+) -> None:
+    key_id = _deployed(vault, "portal.tre.internal", tmp_path / "www")
+    shutil.rmtree(tmp_path / "www")
+    before = vault_state(vault)
+
+    with pytest.raises(DeploymentError, match="www does not exist"):
+        tls.renew_certificate(vault, key_id, new_key=True)
+
+    assert vault_state(vault) == before
+    assert not (tmp_path / "www").exists()
 
 
 def test_renew_due_renews_only_due(vault: Vault) -> None:

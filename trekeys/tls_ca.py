@@ -319,10 +319,10 @@ def import_certificate(
         RecordError: the service already has an active certificate.
     """
     certificates = load_certificates(
-        Path(chain_path).read_bytes(), source=str(chain_path)
+        _read_input(Path(chain_path)), source=str(chain_path)
     )
     leaf = certificates[0]
-    key = load_private_key(Path(key_path).read_bytes(), source=str(key_path))
+    key = load_private_key(_read_input(Path(key_path)), source=str(key_path))
     check_key_matches(leaf, key, source=str(key_path))
     names = parse_subject_names([service, *subject_alt_names(leaf)])
     if find_service_key(vault, names.dns_names[0]) is not None:
@@ -358,6 +358,15 @@ def import_certificate(
         add_signed_reference(vault, issuer_id, key_id)
     logger.info("imported certificate %s from %s", key_id, chain_path)
     return record
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(
+            f"cannot read {path} ({exc.strerror}); check the path and permissions."
+        ) from exc
 
 
 def _issuer_in_vault(vault: Vault, leaf: x509.Certificate) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,17 @@ def write_deployment(
     for folder in {path.parent for path, _, _ in files}:
         _fsync_dir(folder)
     logger.info("deployed %s and %s", target.chain_path, target.key_path)
+
+
+def check_targets(targets: Sequence[DeployTarget]) -> None:
+    """Check that every folder of `targets` exists, before a renewal changes keys.
+
+    Raises:
+        DeploymentError: a folder does not exist.
+    """
+    for target in targets:
+        _check_folder(target.chain_path.parent)
+        _check_folder(target.key_path.parent)
 
 
 def remove_deployment(target: DeployTarget) -> list[Path]:

@@ -27,7 +27,7 @@ from trekeys.tls_ca import (
     resolve_now,
     sign_service_certificate,
 )
-from trekeys.tls_deploy import deploy_certificate, deployment_targets
+from trekeys.tls_deploy import check_targets, deploy_certificate, deployment_targets
 from trekeys.tls_names import parse_subject_names
 from trekeys.tls_records import (
     SELF_SIGNED,
@@ -105,6 +105,7 @@ def renew_certificate(
     record = _active_service_record(vault, key_id)
     days = days or int(record.attributes.get("lifetime_days", "365"))
     check_lifetime(days, max_days)
+    check_targets(deployment_targets(vault, record))
     old_entry = current_entry(record)
 
     if new_key:
@@ -185,6 +186,7 @@ def _replace_key(
 ) -> KeyRecord:
     """Issue a new key and certificate for the same service and names, deploy it
     where the old key was, and retire the old key with `reason`."""
+    check_targets(deployment_targets(vault, record))
     old = current_entry(record)
     new_record = new_service_key(
         vault,
