@@ -1,6 +1,6 @@
 """The certificate audit: what is deployed and served, checked against the vault.
 
-The audit reads every certificate file that a key record says it deployed and
+The audit reads every certificate file that a key record lists as deployed and
 every PEM certificate under the scanned folders, and connects to each live
 endpoint given. For each certificate it reports subject, subjectAltName,
 issuer, expiry and days left, whether the vault knows it as a key's current
@@ -71,7 +71,7 @@ DEFAULT_WARNING_DAYS = 30
 
 @dataclass
 class CertificateFinding:
-    """What the audit found about one deployed file or live endpoint.
+    """The audit result for one deployed file or live endpoint.
 
     Attributes:
         source: the file path or ``host:port``.
@@ -389,7 +389,7 @@ class _Auditor:
         finding.key_matches = True
 
     def _anchors(self, leaf: x509.Certificate) -> list[x509.Certificate]:
-        """Return the TRE roots, plus the leaf itself when the vault holds it as a
+        """Return the TRE roots, plus the leaf itself when the vault stores it as a
         current self-signed certificate (self-signed mode has no CA)."""
         owner = find_certificate_owner(self.vault, fingerprint(leaf))
         if (
@@ -433,4 +433,6 @@ def _subject_for(name: str) -> Subject:
 
 
 def _yes_no(value: bool | None) -> str:
-    return "n/a" if value is None else ("yes" if value else "NO")
+    if value is None:
+        return "n/a"
+    return "yes" if value else "NO"

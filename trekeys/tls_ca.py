@@ -161,7 +161,7 @@ def issue_certificate(
         names: further DNS names and IP addresses for the subjectAltName.
         self_signed: sign with the service's own key instead of the CA.
         days: the certificate's lifetime.
-        max_days: the longest lifetime allowed.
+        max_days: the maximum lifetime in days.
         key_type: one of `KEY_TYPES`.
         ca_id: the issuing CA, by default the newest active one.
         key_cryptoperiod_days: how long the key may be used, across renewals.

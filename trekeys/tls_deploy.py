@@ -5,7 +5,7 @@ certificate, as nginx's ``ssl_certificate`` and Apache's ``SSLCertificateFile``
 expect) and the private key, mode 0600. Both are written to temporary names
 in their target folders, flushed to disk, and only then renamed into place.
 When either rename fails, the files that were there before are put back, so
-a web server never sees a new chain with an old key or a half-written file.
+a web server never reads a new chain with an old key or a half-written file.
 
 Every deployment is recorded on the key's record (paths and the certificate's
 fingerprint) and in its locations, because the deployed key file is a copy of
@@ -278,8 +278,8 @@ def _record_deployment(
 ) -> None:
     chain = path_for_record(vault, target.chain_path)
     key = path_for_record(vault, target.key_path)
-    kept = [d for d in deployments if d["chain"] != chain]
-    kept.append(
+    others = [d for d in deployments if d["chain"] != chain]
+    others.append(
         {
             "chain": chain,
             "key": key,
@@ -287,7 +287,7 @@ def _record_deployment(
             "at": utcnow().isoformat(),
         }
     )
-    set_json_attribute(record, "deployments", kept)
+    set_json_attribute(record, "deployments", others)
     location = f"deployed: {key}"
     if location not in record.locations:
         record.locations.append(location)

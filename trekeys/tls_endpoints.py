@@ -198,7 +198,7 @@ def serve_tls(
 ) -> Iterator[Endpoint]:
     """Serve a deployed chain and key over TLS on a loopback address.
 
-    The server answers every handshake with a short HTTP response, in a
+    The server sends a short HTTP response after every handshake, in a
     background thread, until the ``with`` block ends. It exists for drills and
     tests, so it refuses to listen on anything but a loopback address.
 

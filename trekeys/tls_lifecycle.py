@@ -91,7 +91,7 @@ def renew_certificate(
         key_id: the tls-cert key to renew.
         new_key: generate a new key; the old key is deactivated.
         days: the new lifetime, by default the old one.
-        max_days: the longest lifetime allowed.
+        max_days: the maximum lifetime in days.
         now: the time of renewal.
 
     Returns:
@@ -228,11 +228,11 @@ def rotate_key(
     compromised, else ``superseded``), a new key and certificate are issued for
     the same names, deployed where the old ones were, and a new CRL is published.
 
-    For a CA: a new CA is created and published beside the old one, every
-    active service certificate of the old CA is reissued from the new CA with a
-    new key and redeployed, the old CA signs a last CRL listing all of them
+    For a CA: a new CA is created and published beside the old one. Every active
+    service certificate of the old CA is reissued from the new CA with a new key
+    and redeployed. The old CA then signs a last CRL that lists all of them
     (``cACompromise`` or ``superseded``), its root certificate is withdrawn from
-    the publish folder, and the old CA moves to compromised or deactivated.
+    the publish folder, and it moves to compromised or deactivated.
 
     Args:
         lab: the TRE, for the default publish folder of a CA.

@@ -31,8 +31,9 @@ def parse_subject_names(names: Sequence[str]) -> SubjectNames:
     """Sort names into DNS names and IP addresses, checking each one.
 
     DNS names follow the letter-digit-hyphen rule of RFC 1123: labels of 1 to
-    63 characters, at most 253 in all, and a last label that is not all digits
-    (RFC 3696 section 2), so that a mistyped IP address is not taken for a name.
+    63 characters, and at most 253 characters in all. The last label must not be
+    all digits (RFC 3696 section 2), so a mistyped IP address is not taken for a
+    name.
     Names are lower-cased and duplicates removed.
 
     Raises:

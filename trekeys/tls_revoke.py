@@ -98,13 +98,8 @@ def retire_certificate(
     now: datetime,
 ) -> None:
     """Revoke the record's current certificate and move the key out of use."""
-    mark_certificate(
-        record,
-        record.fingerprint,
-        REVOKED if reason != "superseded" else SUPERSEDED,
-        reason,
-        now,
-    )
+    status = SUPERSEDED if reason == "superseded" else REVOKED
+    mark_certificate(record, record.fingerprint, status, reason, now)
     record.attributes["revocation_reason"] = reason
     if replaced_by:
         record.attributes["replaced_by"] = replaced_by
@@ -118,10 +113,10 @@ def retire_certificate(
     # expose the service keys, so only keyCompromise marks the key compromised.
     target = KeyState.COMPROMISED if reason == "keyCompromise" else KeyState.DEACTIVATED
     if record.state is not target and target in allowed_transitions(record.state):
-        why = f"certificate revoked: {reason}" + (
+        note = f"certificate revoked: {reason}" + (
             f", replaced by {replaced_by}" if replaced_by else ""
         )
-        vault.transition(record.id, target, why)
+        vault.transition(record.id, target, note)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ key ids, read the PEM from the vault and pass it straight to the functions
 here, or, when deploying, to the 0600 key file a web server reads.
 
 The certificate profile follows RFC 5280 and the CA/Browser Forum baseline
-requirements where they apply to a private PKI: random serials of 159 bits,
-subjectAltName for every name, basicConstraints and keyUsage marked critical,
-subject and authority key identifiers, and the serverAuth extended key usage
-on service certificates.
+requirements where they apply to a private PKI. Serials are 159 random bits,
+and the subjectAltName lists every name. basicConstraints and keyUsage are
+critical, both key identifiers are present, and service certificates carry
+the serverAuth extended key usage.
 """
 
 from __future__ import annotations
@@ -154,13 +154,13 @@ def load_certificates(pem: bytes, *, source: str) -> list[x509.Certificate]:
     """Load every certificate from PEM data, leaf first as a server sends them.
 
     Raises:
-        CertificateError: the data holds no PEM certificate.
+        CertificateError: the data contains no PEM certificate.
     """
     try:
         certificates = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise CertificateError(
-            f"{source} holds no readable PEM certificate; check the file."
+            f"{source} contains no valid PEM certificate; check the file."
         ) from exc
     return certificates
 
