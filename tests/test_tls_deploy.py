@@ -211,3 +211,35 @@ def test_import_missing_file_rejected(vault: Vault, tmp_path: Path) -> None:
         tls.import_certificate(
             vault, "x.tre.internal", tmp_path / "missing.pem", tmp_path / "k.pem"
         )
+
+
+def test_failed_rename_restores_first_file(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    chain_path = tmp_path / "portal.pem"
+    chain_path.write_text("the chain the web server uses now\n")
+    key_path = tmp_path / "portal.key"
+    key_path.mkdir()
+    before = snapshot(tmp_path)
+
+    with pytest.raises(DeploymentError, match="the earlier files were put back"):
+        tls.deploy_certificate(
+            vault, service_id, tls.DeployTarget(chain_path, key_path), replace=True
+        )
+
+    assert chain_path.read_text() == "the chain the web server uses now\n"
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_replace_foreign_files_sets_key_mode(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    (tmp_path / "fullchain.pem").write_text("old chain\n")
+    (tmp_path / "privkey.pem").write_text("old key\n")
+    (tmp_path / "privkey.pem").chmod(0o644)
+
+    target = tls.deploy_certificate(vault, service_id, tmp_path, replace=True)
+
+    assert stat.S_IMODE(target.key_path.stat().st_mode) == 0o600
+    assert target.key_path.read_bytes() == vault.read_secret(service_id, "test")

@@ -279,3 +279,21 @@ def test_demo_lab_builds_certificates(tmp_path: Path) -> None:
     for service in lab.services:
         assert (lab.services_dir / service / "fullchain.pem").is_file()
         assert (lab.services_dir / service / "privkey.pem").stat().st_mode & 0o077 == 0
+
+
+def test_rotate_self_signed_key(lab_with_ca: tuple[Lab, Vault]) -> None:
+    lab, vault = lab_with_ca
+    folder = lab.services_dir / "legacy"
+    _deployed(vault, "legacy.tre.internal", folder, self_signed=True)
+
+    new_ids = tls.rotate_key(
+        lab, vault, "tls/legacy.tre.internal", reason="yearly", compromised=False
+    )
+
+    new = load_record_certificate(vault, new_ids[0])
+    assert new_ids == ["tls/legacy.tre.internal@2"]
+    assert new.issuer == new.subject
+    assert vault.get("tls/legacy.tre.internal").state is KeyState.DEACTIVATED
+    assert not (lab.root / "pki" / "tls-ca.crl.pem").exists()
+    with tls.serve_tls(folder / "fullchain.pem", folder / "privkey.pem") as endpoint:
+        assert handshake(endpoint, folder / "fullchain.pem", "legacy.tre.internal")
