@@ -127,22 +127,36 @@ def renew_due_certificates(
     new_key: bool = False,
     now: datetime | None = None,
 ) -> list[KeyRecord]:
-    """Renew every active service certificate whose renewal is due."""
+    """Renew every active service certificate whose renewal is due.
+
+    A key whose cryptoperiod would end before its renewed certificate gets a new
+    key even when `new_key` is False, so that one old key does not stop the batch.
+    """
+    now = resolve_now(now)
     renewed = []
     for record in vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value):
-        if renewal_due(record, renew_after=renew_after, now=now):
-            renewed.append(
-                renew_certificate(vault, record.id, new_key=new_key, now=now)
-            )
+        if not renewal_due(record, renew_after=renew_after, now=now):
+            continue
+        days = int(record.attributes.get("lifetime_days", "365"))
+        replace_key = new_key or now + timedelta(days=days) > key_expiry(record)
+        renewed.append(
+            renew_certificate(vault, record.id, new_key=replace_key, now=now)
+        )
     return renewed
+
+
+def key_expiry(record: KeyRecord) -> datetime:
+    """Return when a service key's cryptoperiod ends, after which it must not be
+    used in a new certificate."""
+    return (record.activated or record.created) + timedelta(
+        days=record.cryptoperiod_days or DEFAULT_KEY_CRYPTOPERIOD_DAYS
+    )
 
 
 def _renew_same_key(
     vault: Vault, record: KeyRecord, *, days: int, now: datetime
 ) -> KeyRecord:
-    key_ends = (record.activated or record.created) + timedelta(
-        days=record.cryptoperiod_days or DEFAULT_KEY_CRYPTOPERIOD_DAYS
-    )
+    key_ends = key_expiry(record)
     if now + timedelta(days=days) > key_ends:
         raise PolicyError(
             f"the cryptoperiod of key {record.id} ends on {key_ends.date()}, before a "
