@@ -147,6 +147,21 @@ def test_unknown_certificate_file_warns(lab: Lab, vault: Vault) -> None:
     assert "certificate not in the vault" in stray.warnings
 
 
+def test_self_signed_deployment_verifies(lab: Lab, vault: Vault) -> None:
+    record = tls.issue_certificate(vault, "legacy.tre.internal", self_signed=True)
+    (lab.services_dir / "legacy").mkdir()
+    tls.deploy_certificate(vault, record.id, lab.services_dir / "legacy")
+
+    with tls.serve_deployments(vault) as served:
+        report = tls.audit_tls(lab, vault, endpoints=served)
+
+    legacy = [f for f in report.findings if f.service == "legacy.tre.internal"]
+    assert [f.origin for f in legacy] == ["file", "endpoint"]
+    assert all(f.hostname_verified for f in legacy)
+    assert all(f.vault_key == record.id for f in legacy)
+    assert report.passed
+
+
 def test_live_endpoints_audited_by_handshake(lab: Lab, vault: Vault) -> None:
     with tls.serve_deployments(vault) as served:
         report = tls.audit_tls(lab, vault, scan_dirs=[], endpoints=served)

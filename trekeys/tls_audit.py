@@ -280,7 +280,9 @@ class _Auditor:
         finding = CertificateFinding(endpoint.address, "endpoint", endpoint.server_name)
         try:
             leaf = fetch_certificate(endpoint, timeout=timeout)
-            self._describe(finding, [leaf], service=endpoint.server_name, files=False)
+            self._describe(
+                finding, [leaf], service=endpoint.server_name, offline_check=False
+            )
             verified, detail = verify_endpoint(
                 endpoint, self._anchors_pem(leaf), timeout=timeout
             )
@@ -300,10 +302,11 @@ class _Auditor:
         chain: list[x509.Certificate],
         *,
         service: str = "",
-        files: bool = True,
+        offline_check: bool = True,
     ) -> None:
-        """Fill in the certificate's fields and check it; `files` selects the
-        offline hostname check, which endpoints replace by a real handshake."""
+        """Fill in the certificate's fields and check it. `offline_check` selects
+        the offline chain and host name check, which endpoints replace by a real
+        handshake."""
         leaf = chain[0]
         finding.subject = leaf.subject.rfc4514_string()
         finding.issuer = leaf.issuer.rfc4514_string()
@@ -316,7 +319,7 @@ class _Auditor:
         self._check_validity(finding, leaf)
         self._check_vault(finding, leaf)
         finding.service = service or finding.service or next(iter(finding.sans), "")
-        if files and not finding.is_ca:
+        if offline_check and not finding.is_ca:
             self._check_hostname(finding, chain)
 
     def _check_validity(
