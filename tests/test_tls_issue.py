@@ -265,3 +265,10 @@ def test_certificate_outliving_ca_rejected(vault: Vault) -> None:
 def test_second_ca_rejected(ca_vault: Vault) -> None:
     with pytest.raises(RecordError, match="already active"):
         tls.create_ca(ca_vault)
+
+
+def test_service_named_by_ip_rejected(ca_vault: Vault) -> None:
+    with pytest.raises(CertificateError, match="must be named by a DNS name"):
+        tls.issue_certificate(ca_vault, "10.0.0.5", names=["portal.tre.internal"])
+
+    assert ca_vault.find(kind="tls-cert") == []

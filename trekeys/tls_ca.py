@@ -54,8 +54,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CA_DAYS = 1826
 DEFAULT_CERT_DAYS = 365
-# The CA/Browser Forum caps publicly trusted server certificates at 398 days;
-# the TRE keeps the same limit so that workstation browsers accept them.
+# The CA/Browser Forum caps publicly trusted server certificates at 398 days.
+# Browsers do not apply the cap to private roots, but the TRE keeps it so that
+# service keys and certificates turn over at least yearly.
 MAX_CERT_DAYS = 398
 DEFAULT_KEY_CRYPTOPERIOD_DAYS = 730
 
@@ -171,15 +172,11 @@ def issue_certificate(
         HostnameError: a name is not a valid DNS name or IP address.
         PolicyError: `days` is above `max_days`.
         RecordError: the service already has an active certificate.
-        CertificateValidityError: the CA is expired, not yet valid, or expires
-            before the new certificate would.
+        CertificateValidityError: the CA is expired or not yet valid.
+        CertificateError: the CA expires before the new certificate would.
     """
+    service = service_dns_name(service)
     subject_names = parse_subject_names([service, *names])
-    service = subject_names.dns_names[0] if subject_names.dns_names else ""
-    if not service:
-        raise CertificateError(
-            "the service must be named by a DNS name; give IP addresses as extra names."
-        )
     check_lifetime(days, max_days)
     existing = find_service_key(vault, service)
     if existing is not None:
@@ -199,6 +196,22 @@ def issue_certificate(
         key_cryptoperiod_days=key_cryptoperiod_days,
         now=resolve_now(now),
     )
+
+
+def service_dns_name(service: str) -> str:
+    """Return the normalized DNS name of a service, which names its key.
+
+    Raises:
+        HostnameError: `service` is not a valid DNS name or IP address.
+        CertificateError: `service` is an IP address.
+    """
+    names = parse_subject_names([service])
+    if not names.dns_names:
+        raise CertificateError(
+            f"the service {service!r} must be named by a DNS name; give IP addresses "
+            "as extra names."
+        )
+    return names.dns_names[0]
 
 
 def check_lifetime(days: int, max_days: int) -> None:
@@ -324,6 +337,7 @@ def import_certificate(
     leaf = certificates[0]
     key = load_private_key(_read_input(Path(key_path)), source=str(key_path))
     check_key_matches(leaf, key, source=str(key_path))
+    service = service_dns_name(service)
     names = parse_subject_names([service, *subject_alt_names(leaf)])
     if find_service_key(vault, names.dns_names[0]) is not None:
         raise RecordError(
