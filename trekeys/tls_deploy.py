@@ -55,10 +55,6 @@ class DeployTarget:
         """Return the usual file names inside `folder`."""
         return cls(Path(folder) / CHAIN_FILE, Path(folder) / KEY_FILE)
 
-    def as_strings(self) -> dict[str, str]:
-        """Return the paths as absolute strings, for a key record."""
-        return {"chain": str(self.chain_path), "key": str(self.key_path)}
-
 
 def write_deployment(
     target: DeployTarget,
