@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -105,3 +106,15 @@ def test_subject_names_normalized() -> None:
 
     assert names.dns_names == ["portal.tre.internal", "xn--bcher-kva.tre.internal"]
     assert [str(ip) for ip in names.ip_addresses] == ["10.0.0.5", "fe80::1"]
+
+
+def test_cli_audit_json(lab: Lab) -> None:
+    result = CliRunner().invoke(
+        main, ["tls", "audit", "--json", "--lab", str(lab.root)]
+    )
+
+    rows = json.loads(result.stdout)
+    assert result.exit_code == 0
+    assert rows[0]["verdict"] == "WARN"
+    assert rows[0]["service"] == "jupyter.tre.internal"
+    assert "4 certificates, 0 failing, 1 warnings" in result.stderr

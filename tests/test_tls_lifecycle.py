@@ -276,9 +276,12 @@ def test_demo_lab_builds_certificates(tmp_path: Path) -> None:
         jupyter = services["jupyter.tre.internal"]
         assert jupyter is not None and jupyter.expires is not None
         assert timedelta(days=1) < jupyter.expires - utcnow() < timedelta(days=30)
+        ca_key_line = vault.read_secret("tls/ca", "test").splitlines()[1]
     for service in lab.services:
         assert (lab.services_dir / service / "fullchain.pem").is_file()
         assert (lab.services_dir / service / "privkey.pem").stat().st_mode & 0o077 == 0
+    lab_files = [p for p in lab.root.rglob("*") if p.is_file()]
+    assert not [p for p in lab_files if ca_key_line in p.read_bytes()]
 
 
 def test_rotate_self_signed_key(lab_with_ca: tuple[Lab, Vault]) -> None:
