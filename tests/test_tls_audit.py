@@ -75,7 +75,8 @@ def test_demo_lab_passes_with_one_warning(lab: Lab, vault: Vault) -> None:
     assert portal.hostname_verified is True
     assert portal.key_matches is True
     assert portal.issuer == ca.subject
-    assert ca.is_ca and ca.vault_key == "tls/ca"
+    assert ca.is_ca
+    assert ca.vault_key == "tls/ca"
 
 
 def test_revoked_certificate_still_deployed_fails(lab: Lab, vault: Vault) -> None:

@@ -274,7 +274,8 @@ def test_demo_lab_builds_certificates(tmp_path: Path) -> None:
         services = {s: tls.find_service_key(vault, s) for s in lab.services}
         assert all(record is not None for record in services.values())
         jupyter = services["jupyter.tre.internal"]
-        assert jupyter is not None and jupyter.expires is not None
+        assert jupyter is not None
+        assert jupyter.expires is not None
         assert timedelta(days=1) < jupyter.expires - utcnow() < timedelta(days=30)
         ca_key_line = vault.read_secret("tls/ca", "test").splitlines()[1]
     for service in lab.services:

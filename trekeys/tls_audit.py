@@ -3,9 +3,9 @@
 The audit reads every certificate file that a key record lists as deployed and
 every PEM certificate under the scanned folders, and connects to each live
 endpoint given. For each certificate it reports subject, subjectAltName,
-issuer, expiry and days left, whether the vault knows it as a key's current
-certificate, whether it was revoked or superseded, and whether it verifies
-for its service name against the TRE's trusted roots.
+issuer, expiry and days left. It also reports whether the vault records it as
+a key's current certificate, whether it was revoked or superseded, and whether
+it verifies for its service name against the TRE's trusted roots.
 
 A certificate that is expired, revoked or superseded, or whose key file does
 not match it, is a failure while it is still deployed or served. One that

@@ -95,7 +95,7 @@ def renew_certificate(
         now: the time of renewal.
 
     Returns:
-        The record that holds the new certificate: the same one, or the new key's.
+        The record that contains the new certificate: the same one, or the new key's.
 
     Raises:
         PolicyError: the key is not active, or its cryptoperiod ends before the
