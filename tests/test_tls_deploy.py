@@ -243,3 +243,18 @@ def test_replace_foreign_files_sets_key_mode(
 
     assert stat.S_IMODE(target.key_path.stat().st_mode) == 0o600
     assert target.key_path.read_bytes() == vault.read_secret(service_id, "test")
+
+
+def test_deploy_with_mismatched_vault_key_rejected(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    other_key = private_key_pem(generate_private_key("ecdsa-p256"))
+    vault.put_secret(service_id, other_key, reason="test: corrupt the record")
+    folder = tmp_path / "www"
+    folder.mkdir()
+
+    with pytest.raises(CertificateKeyMismatchError, match="does not match the cert"):
+        tls.deploy_certificate(vault, service_id, folder)
+
+    assert list(folder.iterdir()) == []
+    assert vault.get(service_id).attributes.get("deployments") is None
