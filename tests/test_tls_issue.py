@@ -277,3 +277,15 @@ def test_service_named_by_ip_rejected(ca_vault: Vault) -> None:
         tls.issue_certificate(ca_vault, "10.0.0.5", names=["portal.tre.internal"])
 
     assert ca_vault.find(kind="tls-cert") == []
+
+
+def test_long_service_name_keeps_full_san(ca_vault: Vault, tmp_path: Path) -> None:
+    service = ("a" * 60 + ".") * 3 + "tre.internal"
+    record = tls.issue_certificate(ca_vault, service)
+    target = tls.deploy_certificate(ca_vault, record.id, tmp_path)
+    certificate = load_record_certificate(ca_vault, record.id)
+
+    sans = _extension(certificate, x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [service]
+    with tls.serve_tls(target.chain_path, target.key_path) as endpoint:
+        assert handshake(endpoint, tmp_path / "pki" / "tls-ca.pem", service)

@@ -284,6 +284,8 @@ def build_service_certificate(
         days: the lifetime in days.
         issuer: the CA certificate and key that sign, or None for self-signed.
     """
+    # RFC 5280 caps the CN at 64 characters; clients match the subjectAltName,
+    # which carries the full name.
     subject = x509.Name(
         [x509.NameAttribute(NameOID.COMMON_NAME, names.as_strings()[0][:64])]
     )
