@@ -10,7 +10,7 @@ encryption subkey, stops the backup.
 
 The tar stream ends with a manifest member (`INNER_MANIFEST`) holding every
 file's path, size and SHA-256. Beside the archive, ``<name>.manifest.json``
-holds what can be checked without decrypting: the recipients, the archive's
+contains what can be checked without decrypting: the recipients, the archive's
 size and SHA-256, the SHA-256 of the inner manifest and the restore tests.
 File names stay inside the encryption.
 """
@@ -317,6 +317,7 @@ def write_encrypted_archive(
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=errors)
         stdin = cast(IO[bytes], process.stdin)
+        gpgkeys.widen_pipe(stdin)
         entries: list[dict[str, Any]] = []
         try:
             entries = _write_tar(source, stdin)

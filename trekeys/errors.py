@@ -75,7 +75,7 @@ class ToolMissingError(ToolError):
 
 
 class AgentError(ToolError):
-    """gpg-agent did not start or did not answer for a GnuPG home folder."""
+    """gpg-agent did not start or did not respond for a GnuPG home folder."""
 
 
 class CredentialError(TrekeysError):

@@ -15,6 +15,7 @@ descriptor (`passphrase_fd`), never through argv.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import IO
 
 import gnupg
 
@@ -56,6 +58,9 @@ REVOCATION_ATTACHMENT = "revocation-certificate.asc"
 ISSUED_REVOCATION_ATTACHMENT = "revocation-issued.asc"
 
 DEFAULT_EXPIRE_DAYS = 730
+# fcntl.F_SETPIPE_SZ exists from Python 3.10 on Linux only, so its value is spelt out.
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20
 FAST_S2K_COUNT = 65536
 
 # gpg-agent sockets live in a short folder because a Unix socket path is
@@ -97,7 +102,7 @@ DEFAULT_ALGORITHM = "ed25519"
 
 
 def public_home(lab: Lab) -> Path:
-    """Return the networked keyring that holds the public keys of all recipients."""
+    """Return the networked keyring that contains the public keys of all recipients."""
     return lab.root / "keyrings" / "public"
 
 
@@ -112,12 +117,12 @@ def instance_home(lab: Lab, instance: str) -> Path:
 
 
 def offline_home(lab: Lab) -> Path:
-    """Return the GnuPG home on the offline media, standing for the offline machine."""
+    """Return the GnuPG home on the offline media, which is the offline machine."""
     return lab.offline_media / "gnupg"
 
 
 def home_of(lab: Lab, record: KeyRecord) -> Path:
-    """Return the GnuPG home that holds the secret key of `record`."""
+    """Return the GnuPG home that contains the secret key of `record`."""
     relative = record.attributes.get("gnupghome")
     if not relative:
         raise RecordError(f"key {record.id} names no GnuPG home; it is not a GPG key.")
@@ -183,11 +188,13 @@ def gpg_for(home: Path, *, key_id: str = "") -> gnupg.GPG:
 
 
 def gpg_command(home: Path, *args: str) -> list[str]:
-    """Return a gpg command line for `home` that ignores gpg.conf.
+    """Return a gpg command line for the existing GnuPG home `home`, ignoring gpg.conf.
 
     Ignoring gpg.conf keeps its encrypt-to or default-recipient options from
     adding recipients to a backup.
     """
+    # open_home recreates the agent's socket folder, which stop_agent removes.
+    home = open_home(home)
     return [
         gpg_binary(),
         "--homedir",
@@ -201,7 +208,7 @@ def gpg_command(home: Path, *args: str) -> list[str]:
 
 @contextmanager
 def passphrase_fd(passphrase: str) -> Iterator[int]:
-    """Yield the read end of a pipe that holds `passphrase`, for --passphrase-fd."""
+    """Yield the read end of a pipe that contains `passphrase`, for --passphrase-fd."""
     read_fd, write_fd = os.pipe()
     try:
         os.write(write_fd, passphrase.encode("utf-8") + b"\n")
@@ -211,6 +218,14 @@ def passphrase_fd(passphrase: str) -> Iterator[int]:
         yield read_fd
     finally:
         os.close(read_fd)
+
+
+def widen_pipe(stream: IO[bytes]) -> None:
+    """Grow a pipe to 1 MiB so gpg and the Python side wait less for each other."""
+    try:
+        fcntl.fcntl(stream.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        logger.debug("could not grow the pipe to gpg; keeping the default size")
 
 
 def raise_for_gpg(action: str, stderr: str, returncode: int | None, home: Path) -> None:
@@ -345,9 +360,9 @@ def create_gpg_key(
 
 
 def _configure_protection(home: Path, *, fast: bool) -> str:
-    # gpg-agent calibrates the S2K iteration count of protected secret keys to
-    # about 100 ms of hashing, which takes seconds per key here; the demo TRE
-    # and tests use the lowest count that OpenPGP allows instead.
+    # gpg-agent calibrates the S2K iteration count of protected secret keys,
+    # which took 2 to 4 seconds per key on a loaded 2-core test machine. The demo
+    # TRE and tests use the lowest count that OpenPGP allows instead.
     config = home / "gpg-agent.conf"
     if fast and not config.exists():
         config.write_text(f"s2k-count {FAST_S2K_COUNT}\n", encoding="utf-8")
@@ -414,7 +429,7 @@ def import_public_key(home: Path, armored: str | bytes, *, key_id: str = "") -> 
 
 @dataclass(frozen=True)
 class KeyStatus:
-    """What the public keyring shows about one key.
+    """The state of one key in the public keyring.
 
     Attributes:
         fingerprint: the primary key fingerprint.

@@ -252,6 +252,7 @@ def _decrypt_into(
             command, stdout=subprocess.PIPE, stderr=status, pass_fds=(fd,)
         )
         stdout = cast(IO[bytes], process.stdout)
+        gpgkeys.widen_pipe(stdout)
         tar_error: Exception | None = None
         try:
             consume(stdout)
@@ -284,7 +285,7 @@ def _raise_for_decryption(
         )
     if "NO_SECKEY" in output and "BEGIN_DECRYPTION" not in output:
         raise RecipientMismatchError(
-            f"GnuPG home {home} holds no secret key that {backup.archive} is "
+            f"GnuPG home {home} contains no secret key that {backup.archive} is "
             "encrypted to; check the recipients with 'trekeys backup recipients'."
         )
     if error is not None and "DECRYPTION_OKAY" in output:
@@ -400,7 +401,7 @@ def _compare_with_manifest(
     }
     if user and not expected:
         raise IntegrityError(
-            f"backup {backup.reference} holds no files of user {user}; check the "
+            f"backup {backup.reference} contains no files of user {user}; check the "
             "user name."
         )
     problems = sorted(
