@@ -465,3 +465,33 @@ def test_cli_restore_refuses_existing_target(lab: Lab) -> None:
     )
     assert result.exit_code == 1
     assert "already exists" in result.output
+
+
+def test_restore_rejects_member_outside_target(lab: Lab, vault: Vault) -> None:
+    latest = backup.find_backup(lab, "alpha")
+    crafted = lab.root / "crafted.tar"
+    with tarfile.open(crafted, "w") as tar:
+        evil = lab.root / "evil.txt"
+        evil.write_text("outside")
+        tar.add(evil, arcname="../evil.txt")
+    command = gpgkeys.gpg_command(
+        gpgkeys.public_home(lab),
+        "--trust-model",
+        "always",
+        "--yes",
+        "--output",
+        str(latest.archive),
+    )
+    for recipient in latest.recipients:
+        command += ["--recipient", recipient.subkey + "!"]
+    subprocess.run([*command, "--encrypt", str(crafted)], check=True)
+    # Whoever can write the archive can also edit the manifest beside it.
+    latest.manifest["archive_bytes"] = latest.archive.stat().st_size
+    backup.write_json_atomically(latest.manifest_path, latest.manifest)
+    target = lab.work_dir / "restore" / "target"
+
+    with pytest.raises(IntegrityError, match="points outside the restore folder"):
+        restore.restore_backup(lab, vault, latest, key_id="gpg/admin", target=target)
+    assert not target.exists()
+    assert not (lab.work_dir / "restore" / "evil.txt").exists()
+    assert not (lab.work_dir / "evil.txt").exists()

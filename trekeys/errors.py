@@ -27,7 +27,8 @@ and the next step. Messages about credentials never say which part was wrong.
     ├── PolicyError               an action the key management policy forbids
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
-    └── DestinationExistsError    an output would overwrite existing data
+    ├── DestinationExistsError    an output would overwrite existing data
+    └── RestoreWriteError         restored files could not be written
 """
 
 from __future__ import annotations
@@ -206,3 +207,7 @@ class DestinationExistsError(TrekeysError):
             f"{path} already exists; choose a new destination or move it away first."
         )
         self.path = path
+
+
+class RestoreWriteError(TrekeysError):
+    """A restore could not write its files, for example because the disk is full."""
