@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
 import tarfile
@@ -21,6 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from trekeys.errors import IntegrityError, RestoreWriteError
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 18
 QUEUE_CHUNKS = 16
@@ -43,27 +46,41 @@ class Extracted:
 
 
 class FileWriter:
-    """Write files in a second thread, fed through a bounded queue."""
+    """Hash and write files in a second thread, fed through a bounded queue.
+
+    Hashing here rather than in the thread that parses the tar stream spreads
+    the work over two cores; hashlib and os.write release the GIL.
+
+    Attributes:
+        files: each finished file's name, mapped to its size and SHA-256.
+    """
 
     def __init__(self) -> None:
+        self.files: dict[str, tuple[int, str]] = {}
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(QUEUE_CHUNKS)
         self._error: OSError | None = None
+        self._finished = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def open(self, path: Path, mode: int, mtime: float) -> None:
-        self._put(("open", (path, mode, mtime)))
+    def open(self, path: Path, name: str, member: tarfile.TarInfo) -> None:
+        self._put(("open", (path, name, member)))
 
-    def write(self, data: bytes) -> None:
-        self._put(("data", data))
+    def write(
+        self, data: bytes, *, hash_only: bool = False, write_only: bool = False
+    ) -> None:
+        """Queue `data` to be hashed and written, or only one of the two."""
+        self._put(("data", (data, not write_only, not hash_only)))
 
     def close_file(self) -> None:
         self._put(("close", None))
 
     def finish(self) -> None:
         """Wait for every queued write; raise RestoreWriteError if one failed."""
-        self._queue.put(None)
-        self._thread.join()
+        if not self._finished:
+            self._finished = True
+            self._queue.put(None)
+            self._thread.join()
         if self._error is not None:
             raise RestoreWriteError(
                 f"writing the restored files failed ({self._error}); free space "
@@ -76,24 +93,30 @@ class FileWriter:
         self._queue.put(item)
 
     def _run(self) -> None:
-        fd, path, mtime = -1, Path(), 0.0
+        fd, path, name, member = -1, Path(), "", tarfile.TarInfo()
+        digest = hashlib.sha256()
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue
             kind, value = item
             try:
                 if kind == "open":
-                    path, mode, mtime = value
+                    path, name, member = value
+                    digest = hashlib.sha256()
                     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                    fd = os.open(path, flags, mode)
+                    fd = os.open(path, flags, member.mode & 0o777)
                 elif kind == "data":
-                    view = memoryview(value)
+                    data, hash_it, write_it = value
+                    if hash_it:
+                        digest.update(data)
+                    view = memoryview(data) if write_it else memoryview(b"")
                     while view:
                         view = view[os.write(fd, view) :]
                 else:
                     os.close(fd)
                     fd = -1
-                    os.utime(path, (mtime, mtime))
+                    os.utime(path, (member.mtime, member.mtime))
+                    self.files[name] = (member.size, digest.hexdigest())
             except OSError as exc:
                 self._error = exc
         if fd >= 0:
@@ -124,9 +147,10 @@ def extract_stream(
         try:
             writer.finish()
         except RestoreWriteError:
-            pass
+            logger.debug("a write failed as well while the extraction failed")
         raise
     writer.finish()
+    extracted.files.update(writer.files)
 
 
 def _extract_member(
@@ -197,19 +221,16 @@ def _write_member(
 
     # The digest covers the bytes as backed up, so the manifest check also
     # passes for an authorized_keys file whose revoked keys are left out.
-    digest = hashlib.sha256()
-    writer.open(destination, member.mode & 0o777, member.mtime)
+    writer.open(destination, name, member)
     if keys_filter is not None and name.endswith(".ssh/authorized_keys"):
         data = source.read()
-        digest.update(data)
         kept, removed = keys_filter(data)
-        writer.write(kept)
+        writer.write(data, hash_only=True)
+        writer.write(kept, write_only=True)
         if removed:
             extracted.filtered.add(name)
             extracted.removed_ssh_keys.extend(f"{name}: {r}" for r in removed)
     else:
         while chunk := source.read(CHUNK):
-            digest.update(chunk)
             writer.write(chunk)
     writer.close_file()
-    extracted.files[name] = (member.size, digest.hexdigest())
