@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from trekeys.archive import INNER_MANIFEST
 from trekeys.errors import IntegrityError, RestoreWriteError
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 18
 QUEUE_CHUNKS = 16
-INNER_MANIFEST = ".trekeys-manifest.json"
 
 # Takes the bytes of an authorized_keys file and returns the bytes to write
 # and a description of each line it removed.
