@@ -36,7 +36,7 @@ AuthorizedKeysFilter = Callable[[bytes], tuple[bytes, list[str]]]
 
 @dataclass
 class Extracted:
-    """What an extraction wrote: each file's size and SHA-256, and the manifest."""
+    """The result of an extraction: each file's size and SHA-256, and the manifest."""
 
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
     filtered: set[str] = field(default_factory=set)

@@ -25,8 +25,6 @@ from trekeys.errors import AgentError, KeyringMissingError, ToolError, ToolMissi
 
 logger = logging.getLogger(__name__)
 
-# fcntl.F_SETPIPE_SZ exists from Python 3.10 on Linux only, so its value is spelt out.
-F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
 
 # gpg-agent sockets live in a short folder because a Unix socket path is
@@ -131,8 +129,12 @@ def passphrase_fd(passphrase: str) -> Iterator[int]:
 
 def widen_pipe(stream: IO[bytes]) -> None:
     """Grow a pipe to 1 MiB so gpg and the Python side wait less for each other."""
+    # fcntl.F_SETPIPE_SZ exists on Linux only.
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
     try:
-        fcntl.fcntl(stream.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+        fcntl.fcntl(stream.fileno(), set_size, PIPE_BYTES)
     except OSError:
         logger.debug("could not grow the pipe to gpg; keeping the default size")
 
@@ -159,7 +161,7 @@ def raise_for_gpg(action: str, stderr: str, returncode: int | None, home: Path) 
 
 
 def stop_agent(home: Path) -> None:
-    """Stop the gpg-agent of `home`, if one runs; it holds cached passphrases."""
+    """Stop the gpg-agent of `home`, if one runs, because it caches passphrases."""
     gpgconf = shutil.which("gpgconf")
     if gpgconf is None or not Path(home).is_dir():
         return
