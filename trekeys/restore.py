@@ -24,12 +24,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from typing import IO, cast
 
 from trekeys import gpgkeys
 from trekeys.backup import (
     CHUNK,
     Backup,
+    Recipient,
     verify_recipients,
     write_json_atomically,
 )
@@ -153,7 +154,7 @@ def restore_backup(
     return RestoreReport(key_id, True, target, count, size, extracted.removed_ssh_keys)
 
 
-def _recipient_for(backup: Backup, key_id: str) -> Any:
+def _recipient_for(backup: Backup, key_id: str) -> Recipient:
     for recipient in backup.recipients:
         if recipient.key_id == key_id:
             return recipient
