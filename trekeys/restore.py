@@ -134,6 +134,9 @@ def restore_backup(
             backup, home, passphrase, staging, user, keys_filter
         )
         count, size = _compare_with_manifest(backup, extracted, user)
+        # rename(2) would replace an empty folder created meanwhile.
+        if target.exists():
+            raise DestinationExistsError(target)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
