@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from trekeys import backup, gpgkeys, restore, rotation
+from trekeys.cli import main
 from trekeys.drills import run_drills
 from trekeys.errors import (
     DestinationExistsError,
@@ -21,6 +24,8 @@ from trekeys.errors import (
     RecipientMismatchError,
 )
 from trekeys.lab import Lab
+from trekeys.openpgp import read_message_header
+from trekeys.records import KeyState
 from trekeys.vault import Vault
 
 
@@ -391,3 +396,102 @@ def test_restore_drill_notebook_passes(lab: Lab, tmp_path: Path) -> None:
     assert result.passed, [d.error for d in result.drills]
     again = run_drills(lab.root, tmp_path / "reports", names=["backup-restore-drill"])
     assert again.passed, [d.error for d in again.drills]
+
+
+def test_backup_refuses_deactivated_only_key(lab: Lab, vault: Vault) -> None:
+    vault.transition("gpg/admin", KeyState.DEACTIVATED, "test")
+    before = store_listing(lab)
+    with pytest.raises(RecipientError, match="gpg/admin .* is deactivated"):
+        backup.create_backup(lab, vault, "alpha")
+    assert store_listing(lab) == before
+
+
+def test_header_reader_rejects_plain_file(lab: Lab) -> None:
+    plain = lab.root / "plain.txt"
+    plain.write_text("not encrypted")
+    with pytest.raises(IntegrityError, match="not a readable OpenPGP"):
+        read_message_header(plain)
+
+
+def test_copied_lab_uses_its_own_agent(lab: Lab, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(lab.root, copy, symlinks=True)
+    original = gpgkeys.open_home(gpgkeys.admin_home(lab))
+    copied = gpgkeys.open_home(copy / "keyrings" / "admin")
+    assert (original / "S.gpg-agent").read_text() != (
+        copied / "S.gpg-agent"
+    ).read_text()
+    gpgkeys.stop_agent(copied)
+
+
+def test_drill_notebook_names_failing_key(lab: Lab, tmp_path: Path) -> None:
+    gpgkeys.stop_agent(gpgkeys.offline_home(lab))
+    gpgkeys.offline_home(lab).rename(lab.offline_media / "unmounted")
+    result = run_drills(lab.root, tmp_path / "reports", names=["backup-restore-drill"])
+    assert not result.passed
+    failed = [c for c in result.drills[0].checks if not c["passed"]]
+    assert [c["name"] for c in failed] == ["backup restores with gpg/admin-offline"]
+    assert "offline media" in failed[0]["detail"]
+
+
+def test_cli_lists_and_verifies_backups(lab: Lab) -> None:
+    runner = CliRunner()
+    listed = runner.invoke(main, ["backup", "list", "--lab", str(lab.root)])
+    assert listed.exit_code == 0
+    assert listed.output.count("backup:alpha/") == 2
+    verified = runner.invoke(
+        main, ["backup", "verify", "alpha", "--lab", str(lab.root)]
+    )
+    assert verified.exit_code == 0
+    assert "match the manifest" in verified.output
+
+
+def test_cli_restore_refuses_existing_target(lab: Lab) -> None:
+    target = lab.root / "existing"
+    target.mkdir()
+    result = CliRunner().invoke(
+        main,
+        [
+            "backup",
+            "restore",
+            "alpha",
+            "--key",
+            "gpg/admin",
+            "--target",
+            str(target),
+            "--lab",
+            str(lab.root),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "already exists" in result.output
+
+
+def test_restore_rejects_member_outside_target(lab: Lab, vault: Vault) -> None:
+    latest = backup.find_backup(lab, "alpha")
+    crafted = lab.root / "crafted.tar"
+    with tarfile.open(crafted, "w") as tar:
+        evil = lab.root / "evil.txt"
+        evil.write_text("outside")
+        tar.add(evil, arcname="../evil.txt")
+    command = gpgkeys.gpg_command(
+        gpgkeys.public_home(lab),
+        "--trust-model",
+        "always",
+        "--yes",
+        "--output",
+        str(latest.archive),
+    )
+    for recipient in latest.recipients:
+        command += ["--recipient", recipient.subkey + "!"]
+    subprocess.run([*command, "--encrypt", str(crafted)], check=True)
+    # Whoever can write the archive can also edit the manifest beside it.
+    latest.manifest["archive_bytes"] = latest.archive.stat().st_size
+    backup.write_json_atomically(latest.manifest_path, latest.manifest)
+    target = lab.work_dir / "restore" / "target"
+
+    with pytest.raises(IntegrityError, match="points outside the restore folder"):
+        restore.restore_backup(lab, vault, latest, key_id="gpg/admin", target=target)
+    assert not target.exists()
+    assert not (lab.work_dir / "restore" / "evil.txt").exists()
+    assert not (lab.work_dir / "evil.txt").exists()

@@ -47,7 +47,8 @@ and the next step. Messages about credentials never say which part was wrong.
     │   ├── DependencyCycleError  key protection records form a cycle
     │   ├── RotatorMissingError   no rotator is installed for a kind of key
     │   └── ResponseStepError     a response step failed; the plan stopped
-    └── DestinationExistsError    an output would overwrite existing data
+    ├── DestinationExistsError    an output would overwrite existing data
+    └── RestoreWriteError         restored files could not be written
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class ToolMissingError(ToolError):
 
 
 class AgentError(ToolError):
-    """gpg-agent did not start or did not answer for a GnuPG home folder."""
+    """gpg-agent did not start or did not respond for a GnuPG home folder."""
 
 
 class CredentialError(TrekeysError):
@@ -400,3 +401,7 @@ class TranscriptError(IntegrityError):
 
 class CeremonyError(PolicyError):
     """A ceremony cannot start or go on: a role, witness or step is missing."""
+
+
+class RestoreWriteError(TrekeysError):
+    """A restore could not write its files, for example because the disk is full."""

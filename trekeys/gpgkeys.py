@@ -15,28 +15,26 @@ descriptor (`passphrase_fd`), never through argv.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import secrets
-import shutil
-import stat
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import gnupg
 
-from trekeys.errors import (
-    AgentError,
-    KeyringMissingError,
-    RecordError,
-    ToolError,
-    ToolMissingError,
+from trekeys.errors import RecordError
+from trekeys.gpgtool import (
+    gpg_binary,
+    gpg_command,
+    gpg_for,
+    open_home,
+    passphrase_fd,
+    raise_for_gpg,
+    stop_agent,
 )
+from trekeys.gpgtool import widen_pipe as widen_pipe
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
 from trekeys.vault import Vault
@@ -57,17 +55,6 @@ ISSUED_REVOCATION_ATTACHMENT = "revocation-issued.asc"
 
 DEFAULT_EXPIRE_DAYS = 730
 FAST_S2K_COUNT = 65536
-
-# gpg-agent sockets live in a short folder because a Unix socket path is
-# limited to about 107 bytes, which a GnuPG home deep in a temporary folder
-# exceeds. A file named like the socket in the home redirects gpg there.
-_SOCKETS = (
-    "S.gpg-agent",
-    "S.gpg-agent.extra",
-    "S.gpg-agent.browser",
-    "S.gpg-agent.ssh",
-)
-_AGENT_FAILURES = ("No agent running", "can't connect to the agent", "agent_genkey")
 
 
 @dataclass(frozen=True)
@@ -97,7 +84,7 @@ DEFAULT_ALGORITHM = "ed25519"
 
 
 def public_home(lab: Lab) -> Path:
-    """Return the networked keyring that holds the public keys of all recipients."""
+    """Return the networked keyring that contains the public keys of all recipients."""
     return lab.root / "keyrings" / "public"
 
 
@@ -112,143 +99,16 @@ def instance_home(lab: Lab, instance: str) -> Path:
 
 
 def offline_home(lab: Lab) -> Path:
-    """Return the GnuPG home on the offline media, standing for the offline machine."""
+    """Return the GnuPG home on the offline media, which is the offline machine."""
     return lab.offline_media / "gnupg"
 
 
 def home_of(lab: Lab, record: KeyRecord) -> Path:
-    """Return the GnuPG home that holds the secret key of `record`."""
+    """Return the GnuPG home that contains the secret key of `record`."""
     relative = record.attributes.get("gnupghome")
     if not relative:
         raise RecordError(f"key {record.id} names no GnuPG home; it is not a GPG key.")
     return lab.root / relative
-
-
-# Running gpg
-
-
-def gpg_binary() -> str:
-    """Return the path of gpg, or raise ToolMissingError."""
-    found = shutil.which("gpg")
-    if found is None:
-        raise ToolMissingError("gpg", "gnupg")
-    return found
-
-
-def open_home(home: Path, *, key_id: str = "", create: bool = False) -> Path:
-    """Check or create a GnuPG home and point its agent sockets at a short folder.
-
-    Raises:
-        KeyringMissingError: the home is missing and `create` is false.
-        AgentError: the socket folder is not a private folder of this user.
-    """
-    home = Path(home).resolve()
-    if not home.is_dir():
-        if not create:
-            raise KeyringMissingError(home, key_id or "(unknown)")
-        home.mkdir(mode=0o700, parents=True)
-
-    # The redirect is rewritten on every use: a copied lab must not reach the
-    # agent of the folder it was copied from.
-    sockets = _socket_dir(home)
-    for name in _SOCKETS:
-        redirect = home / name
-        text = f"%Assuan%\nsocket={sockets / name}\n"
-        if not redirect.is_file() or redirect.read_text() != text:
-            redirect.unlink(missing_ok=True)
-            redirect.write_text(text)
-    return home
-
-
-def _socket_dir(home: Path) -> Path:
-    base = Path("/tmp") / f"trekeys-gpg-{os.getuid()}"
-    folder = base / hashlib.sha256(str(home).encode()).hexdigest()[:16]
-    for path in (base, folder):
-        path.mkdir(mode=0o700, exist_ok=True)
-        info = os.lstat(path)
-        private = stat.S_IMODE(info.st_mode) & 0o077 == 0
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or not private:
-            raise AgentError(
-                f"gpg-agent socket folder {path} is not a private folder of this "
-                "user; remove it and try again.",
-                tool="gpg-agent",
-            )
-    return folder
-
-
-def gpg_for(home: Path, *, key_id: str = "") -> gnupg.GPG:
-    """Return a python-gnupg handle on an existing GnuPG home."""
-    home = open_home(home, key_id=key_id)
-    return gnupg.GPG(gnupghome=str(home), gpgbinary=gpg_binary())
-
-
-def gpg_command(home: Path, *args: str) -> list[str]:
-    """Return a gpg command line for `home` that ignores gpg.conf.
-
-    Ignoring gpg.conf keeps its encrypt-to or default-recipient options from
-    adding recipients to a backup.
-    """
-    return [
-        gpg_binary(),
-        "--homedir",
-        str(home),
-        "--no-options",
-        "--batch",
-        "--no-tty",
-        *args,
-    ]
-
-
-@contextmanager
-def passphrase_fd(passphrase: str) -> Iterator[int]:
-    """Yield the read end of a pipe that holds `passphrase`, for --passphrase-fd."""
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, passphrase.encode("utf-8") + b"\n")
-    finally:
-        os.close(write_fd)
-    try:
-        yield read_fd
-    finally:
-        os.close(read_fd)
-
-
-def raise_for_gpg(action: str, stderr: str, returncode: int | None, home: Path) -> None:
-    """Raise AgentError when gpg could not reach its agent, else ToolError."""
-    tail = "\n".join(stderr.strip().splitlines()[-5:])
-    if any(marker in stderr for marker in _AGENT_FAILURES):
-        raise AgentError(
-            f"gpg-agent did not start for GnuPG home {home} while trying to "
-            f"{action}; check its gpg-agent.conf and run 'gpgconf --homedir {home} "
-            "--launch gpg-agent' to see why.",
-            tool="gpg-agent",
-            returncode=returncode,
-            stderr_tail=tail,
-        )
-    raise ToolError(
-        f"gpg failed to {action} in GnuPG home {home} (exit status {returncode}); "
-        "see the error output attached to this exception.",
-        tool="gpg",
-        returncode=returncode,
-        stderr_tail=tail,
-    )
-
-
-def stop_agent(home: Path) -> None:
-    """Stop the gpg-agent of `home`, if one runs; it holds cached passphrases."""
-    gpgconf = shutil.which("gpgconf")
-    if gpgconf is None or not Path(home).is_dir():
-        return
-    home = open_home(home)
-    subprocess.run(
-        [gpgconf, "--homedir", str(home), "--kill", "gpg-agent"],
-        capture_output=True,
-        check=False,
-    )
-    try:
-        _socket_dir(home).rmdir()
-    except OSError:
-        logger.debug("socket folder of %s is still in use", home)
 
 
 # Creating keys
@@ -345,9 +205,9 @@ def create_gpg_key(
 
 
 def _configure_protection(home: Path, *, fast: bool) -> str:
-    # gpg-agent calibrates the S2K iteration count of protected secret keys to
-    # about 100 ms of hashing, which takes seconds per key here; the demo TRE
-    # and tests use the lowest count that OpenPGP allows instead.
+    # gpg-agent calibrates the S2K iteration count of protected secret keys,
+    # which took 2 to 4 seconds per key on a loaded 2-core test machine. The demo
+    # TRE and tests use the lowest count that OpenPGP allows instead.
     config = home / "gpg-agent.conf"
     if fast and not config.exists():
         config.write_text(f"s2k-count {FAST_S2K_COUNT}\n", encoding="utf-8")
@@ -414,7 +274,7 @@ def import_public_key(home: Path, armored: str | bytes, *, key_id: str = "") -> 
 
 @dataclass(frozen=True)
 class KeyStatus:
-    """What the public keyring shows about one key.
+    """The state of one key in the public keyring.
 
     Attributes:
         fingerprint: the primary key fingerprint.

@@ -15,8 +15,6 @@ drill passed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -26,13 +24,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from typing import IO, cast
 
 from trekeys import gpgkeys
 from trekeys.backup import (
     CHUNK,
-    INNER_MANIFEST,
     Backup,
+    Recipient,
     verify_recipients,
     write_json_atomically,
 )
@@ -43,15 +41,18 @@ from trekeys.errors import (
     RecipientMismatchError,
     TrekeysError,
 )
+from trekeys.extract import (
+    AuthorizedKeysFilter,
+    Extracted,
+    checked_name,
+    extract_stream,
+    read_member,
+)
 from trekeys.lab import Lab
 from trekeys.records import utcnow
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
-
-# Takes the bytes of an authorized_keys file and returns the bytes to write
-# and a description of each line it removed.
-AuthorizedKeysFilter = Callable[[bytes], tuple[bytes, list[str]]]
 
 
 @dataclass
@@ -133,6 +134,9 @@ def restore_backup(
             backup, home, passphrase, staging, user, keys_filter
         )
         count, size = _compare_with_manifest(backup, extracted, user)
+        # rename(2) would replace an empty folder created meanwhile.
+        if target.exists():
+            raise DestinationExistsError(target)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -153,7 +157,7 @@ def restore_backup(
     return RestoreReport(key_id, True, target, count, size, extracted.removed_ssh_keys)
 
 
-def _recipient_for(backup: Backup, key_id: str) -> Any:
+def _recipient_for(backup: Backup, key_id: str) -> Recipient:
     for recipient in backup.recipients:
         if recipient.key_id == key_id:
             return recipient
@@ -172,15 +176,6 @@ def _check_size(backup: Backup) -> None:
         )
 
 
-@dataclass
-class _Extracted:
-    files: dict[str, tuple[int, str]] = field(default_factory=dict)
-    filtered: set[str] = field(default_factory=set)
-    removed_ssh_keys: list[str] = field(default_factory=list)
-    manifest: dict[str, Any] | None = None
-    manifest_sha256: str = ""
-
-
 def _decrypt_and_extract(
     backup: Backup,
     home: Path,
@@ -188,11 +183,11 @@ def _decrypt_and_extract(
     staging: Path,
     user: str | None,
     keys_filter: AuthorizedKeysFilter | None,
-) -> _Extracted:
-    extracted = _Extracted()
+) -> Extracted:
+    extracted = Extracted()
 
     def consume(stream: IO[bytes]) -> None:
-        _extract_stream(stream, staging, user, keys_filter, extracted)
+        extract_stream(stream, staging, user, keys_filter, extracted)
 
     _decrypt_into(backup, home, passphrase, consume)
     return extracted
@@ -219,9 +214,9 @@ def read_backup_members(
     def consume(stream: IO[bytes]) -> None:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
             for member in tar:
-                name = _checked_name(member.name)
+                name = checked_name(member.name)
                 if member.isfile() and wanted(name):
-                    found[name] = _read_member(tar, member)
+                    found[name] = read_member(tar, member)
 
     passphrase = gpgkeys.read_passphrase(vault, key_id, f"read {backup.reference}")
     try:
@@ -252,13 +247,14 @@ def _decrypt_into(
             command, stdout=subprocess.PIPE, stderr=status, pass_fds=(fd,)
         )
         stdout = cast(IO[bytes], process.stdout)
+        gpgkeys.widen_pipe(stdout)
         tar_error: Exception | None = None
         try:
             consume(stdout)
             # Drain what follows the tar end so gpg can check the MDC.
             while stdout.read(CHUNK):
                 pass
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        except (tarfile.TarError, EOFError, ValueError) as exc:
             tar_error = exc
             process.kill()
         finally:
@@ -284,7 +280,7 @@ def _raise_for_decryption(
         )
     if "NO_SECKEY" in output and "BEGIN_DECRYPTION" not in output:
         raise RecipientMismatchError(
-            f"GnuPG home {home} holds no secret key that {backup.archive} is "
+            f"GnuPG home {home} contains no secret key that {backup.archive} is "
             "encrypted to; check the recipients with 'trekeys backup recipients'."
         )
     if error is not None and "DECRYPTION_OKAY" in output:
@@ -299,86 +295,8 @@ def _raise_for_decryption(
     )
 
 
-def _extract_stream(
-    stream: IO[bytes],
-    staging: Path,
-    user: str | None,
-    keys_filter: AuthorizedKeysFilter | None,
-    extracted: _Extracted,
-) -> None:
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-        for member in tar:
-            name = _checked_name(member.name)
-            if name == INNER_MANIFEST:
-                data = _read_member(tar, member)
-                extracted.manifest = json.loads(data)
-                extracted.manifest_sha256 = hashlib.sha256(data).hexdigest()
-                continue
-            if user and PurePosixPath(name).parts[0] != user:
-                continue
-            destination = staging / name
-            if member.isdir():
-                destination.mkdir(mode=0o700, parents=True, exist_ok=True)
-            elif member.isfile():
-                _write_member(tar, member, destination, name, keys_filter, extracted)
-            elif member.issym():
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(member.linkname, destination)
-
-
-def _checked_name(name: str) -> str:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise IntegrityError(
-            f"backup member {name!r} points outside the restore folder; the "
-            "archive is not a trekeys backup, so do not restore it."
-        )
-    return path.as_posix()
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    handle = tar.extractfile(member)
-    if handle is None:
-        raise IntegrityError(f"backup member {member.name} has no data.")
-    return handle.read()
-
-
-def _write_member(
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
-    destination: Path,
-    name: str,
-    keys_filter: AuthorizedKeysFilter | None,
-    extracted: _Extracted,
-) -> None:
-    destination.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if destination.parent.resolve() != destination.parent.absolute():
-        raise IntegrityError(f"backup member {name} passes through a symbolic link.")
-    source = tar.extractfile(member)
-    if source is None:
-        raise IntegrityError(f"backup member {name} has no data.")
-    digest = hashlib.sha256()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    filtering = keys_filter is not None and name.endswith(".ssh/authorized_keys")
-    with os.fdopen(os.open(destination, flags, member.mode & 0o777), "wb") as out:
-        if filtering:
-            data = source.read()
-            digest.update(data)
-            kept, removed = cast(AuthorizedKeysFilter, keys_filter)(data)
-            out.write(kept)
-            if removed:
-                extracted.filtered.add(name)
-                extracted.removed_ssh_keys.extend(f"{name}: {r}" for r in removed)
-        else:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-    os.utime(destination, (member.mtime, member.mtime))
-    extracted.files[name] = (member.size, digest.hexdigest())
-
-
 def _compare_with_manifest(
-    backup: Backup, extracted: _Extracted, user: str | None
+    backup: Backup, extracted: Extracted, user: str | None
 ) -> tuple[int, int]:
     if extracted.manifest is None:
         raise IntegrityError(
@@ -400,7 +318,7 @@ def _compare_with_manifest(
     }
     if user and not expected:
         raise IntegrityError(
-            f"backup {backup.reference} holds no files of user {user}; check the "
+            f"backup {backup.reference} contains no files of user {user}; check the "
             "user name."
         )
     problems = sorted(

@@ -1,8 +1,9 @@
 """Rotate backup and SSH keys, and find what an old or compromised key opens.
 
 Rotating a GPG key makes a new key of the same role in the same GnuPG home
-and takes the old one out of use: deactivated, or compromised with a
-revocation certificate that is generated, imported and stored in the vault.
+and takes the old one out of use. The old key becomes deactivated, or
+compromised with a revocation certificate that is generated, imported and
+stored in the vault.
 Existing backups stay encrypted to the old key until they are re-encrypted to
 the new set of recipients, which `reencrypt_backup` does without writing
 plaintext to disk. Rotating an SSH key revokes and replaces it.

@@ -1,7 +1,7 @@
 """SSH key pairs of TRE users and hosts, their inventory and revocation.
 
 Key pairs are Ed25519 in OpenSSH format, made with pyca/cryptography so that
-no passphrase or private key passes through argv. The vault holds each
+no passphrase or private key passes through argv. The vault stores each
 private key as the key's material and the public key as an attachment; the
 record's fingerprint is the one ``ssh-keygen -l`` prints (SHA256, base64).
 

@@ -522,15 +522,18 @@ class Vault:
         """Return a key's material and log the read.
 
         Raises:
-            RecordError: the key is a tombstone or holds no material.
+            RecordError: the key is a tombstone or has no material stored.
+            VaultReadOnlyError: the vault is open read-only, so the read could
+                not be anchored in the audit log.
         """
+        self._require_writable()
         record = self.get(key_id)
         if record.is_tombstone:
             raise RecordError(f"key {key_id} was destroyed; its material is gone.")
         entry = self._entries[key_id]
         encoding = entry.get_custom_property(ENCODING_PROPERTY)
         if encoding is None:
-            raise RecordError(f"key {key_id} holds no key material in the vault.")
+            raise RecordError(f"key {key_id} has no key material in the vault.")
 
         self.record_operation("read", key_id, "success", reason)
         text = entry.password or ""
