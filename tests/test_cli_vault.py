@@ -227,3 +227,27 @@ def test_missing_lab_exits_1(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert "does not exist; create it with 'trekeys lab create'" in result.stderr
+
+
+def test_relative_share_paths_follow_current_folder(bare_lab, monkeypatch):
+    monkeypatch.chdir(bare_lab.root.parent)
+    shares = [f"lab/custodians/{p.name}" for p in bare_lab.share_files()[:2]]
+    arguments = ["inventory", "--lab", "lab"]
+    for share in shares:
+        arguments += ["--share", share]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 0, result.output
+    assert "tre/vault-master" in result.output
+
+
+def test_relative_share_paths_in_environment(bare_lab, monkeypatch):
+    monkeypatch.chdir(bare_lab.root.parent)
+    shares = [f"lab/custodians/{p.name}" for p in bare_lab.share_files()[:2]]
+    monkeypatch.setenv("TREKEYS_SHARE_FILES", ":".join(shares))
+
+    result = CliRunner().invoke(main, ["inventory", "--lab", "lab"])
+
+    assert result.exit_code == 0, result.output
+    assert "tre/vault-master" in result.output

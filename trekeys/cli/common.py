@@ -47,4 +47,4 @@ def lab_credentials(lab: Lab, share_files: tuple[Path, ...]) -> VaultCredentials
             for number in range(1, lab.threshold + 1)
         ]
         return VaultCredentials(combine_shares(words), lab.keyfile_path)
-    return credentials_for(lab, share_files=[str(p) for p in share_files])
+    return credentials_for(lab, share_files=[str(p.resolve()) for p in share_files])
