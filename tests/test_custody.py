@@ -19,7 +19,7 @@ from trekeys.custody import (
 from trekeys.errors import CredentialError, ShareError
 from trekeys.lab import VAULT_MASTER_ID, Lab, create_lab
 from trekeys.records import KeyState
-from trekeys.resplit import lab_custodians, resplit_lab_custody
+from trekeys.resplit import lab_custodians, resplit_and_prove, resplit_lab_custody
 from trekeys.vault import list_generations
 
 ROLES = [
@@ -240,3 +240,17 @@ def test_lab_with_one_of_two_custody(tmp_path: Path) -> None:
     for path in lab.share_files():
         with lab.open_vault([path]) as vault:
             assert vault.get(VAULT_MASTER_ID).attributes["threshold"] == "1"
+
+
+def test_resplit_and_prove_on_lab(bare_lab: Lab) -> None:
+    with bare_lab.open_vault() as vault:
+        first = resplit_and_prove(bare_lab, vault, reason="drill")
+    with bare_lab.open_vault() as vault:
+        second = resplit_and_prove(bare_lab, vault, reason="drill again")
+
+    for proof in (first, second):
+        assert proof.old_shares_rejected
+        assert proof.generations_reject_old_shares
+        assert proof.new_shares_open
+        assert [row["valid"] for row in proof.share_checks] == [True, True, True]
+    assert second.result.old_split == first.result.new_split
