@@ -5,7 +5,7 @@ When a custodian leaves, or the threshold changes, the vault gets a new
 under it (new composite key, new KDF salt) in one save, so every share of the
 old split stops working. The record ``tre/vault-master`` takes the new
 fingerprint, and the old master stays in the vault as a destroyed tombstone
-so that the audit trail still sees it.
+so that the audit trail can still name it.
 
 The new shares are first written to a staging folder beside the share files,
 then renamed into place one by one after the vault has been re-keyed. If the
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ResplitResult:
-    """What a re-split changed: the old and new split and the new share files."""
+    """The changes of a re-split: the old and new split ids and the share files."""
 
     old_split: str
     new_split: str

@@ -82,7 +82,7 @@ def generations(lab_dir) -> None:
 def restore(lab_dir, share_files, generation) -> None:
     """Make GENERATION (a name or number from 'vault generations') the live vault.
 
-    The live file is kept as a generation first, so nothing is lost.
+    The live file is kept as a generation first, so the restore can be undone.
     """
     lab = Lab.load(lab_dir)
     credentials = lab_credentials(lab, share_files)
