@@ -1,11 +1,11 @@
 """The key vault: one KeePass (KDBX4) database that holds every key of the TRE.
 
 Each key is one KeePass entry in a group per kind and owner. The entry's
-password field holds the key material, its title is the key id, and the
-custom property ``trekeys.record`` holds the key record as JSON, so KeePassXC
-shows every key with its metadata. trekeys keeps its own index from key id to
-entry, built once per open, because pykeepass finds entries by scanning the
-whole XML tree.
+password field holds the key material, its title is the key id unless the
+caller names another, and the custom property ``trekeys.record`` holds the key
+record as JSON, so KeePassXC shows every key with its metadata. trekeys keeps
+its own index from the ``trekeys.id`` property to the entry, built once per
+open, because pykeepass finds entries by scanning the whole XML tree.
 
 Writers hold an exclusive lock for the whole session, from open to save, so
 two processes cannot interleave or lose an update. A save writes a new file,
@@ -78,7 +78,7 @@ class KdfSettings:
 
     @classmethod
     def production(cls) -> KdfSettings:
-        """Strong defaults: 256 MiB and 4 passes, about a second on a 2-core host."""
+        """Strong defaults: 256 MiB and 4 passes; `tune` fits them to a machine."""
         return cls(time_cost=4, memory_kib=256 * 1024, parallelism=2)
 
     @classmethod
