@@ -412,7 +412,7 @@ class Vault:
             raw = self._raw_records.pop(key_id, None)
             if raw is None:
                 raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
-            self._records[key_id] = KeyRecord.from_dict(json.loads(raw or "{}"))
+            self._records[key_id] = _parse_record(key_id, raw or "{}")
         return self._records[key_id]
 
     def __contains__(self, key_id: object) -> bool:
@@ -868,6 +868,24 @@ class Vault:
 def audit_log_path(vault_path: Path) -> Path:
     """Return where the audit log of the vault at `vault_path` lives."""
     return vault_path.with_name(f"{vault_path.stem}-audit.jsonl")
+
+
+def _parse_record(key_id: str, raw: str) -> KeyRecord:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"the record of key {key_id} is not valid JSON (property "
+            f"{RECORD_PROPERTY}); it was edited outside trekeys, restore it from a "
+            "generation with 'trekeys vault restore'."
+        ) from exc
+    if not isinstance(data, dict) or data.get("id") != key_id:
+        raise RecordError(
+            f"the record of key {key_id} does not describe that key; it was edited "
+            "outside trekeys, restore it from a generation with 'trekeys vault "
+            "restore'."
+        )
+    return KeyRecord.from_dict(data)
 
 
 def _entry_strings(element: Any) -> dict[str, str]:
