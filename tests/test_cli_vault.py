@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 from trekeys.cli import main
 from trekeys.custody import read_share_file
 from trekeys.lab import VAULT_MASTER_ID, Lab
+from trekeys.records import KeyKind, KeyRecord
 from trekeys.vault import list_generations
 
 
@@ -227,3 +228,22 @@ def test_missing_lab_exits_1(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert "does not exist; create it with 'trekeys lab create'" in result.stderr
+
+
+def test_vault_info_exits_1_when_strength_rule_fails(bare_lab: Lab) -> None:
+    with bare_lab.open_vault() as vault:
+        vault.add(
+            KeyRecord(
+                id="tre/huge",
+                kind=KeyKind.WRAPPING,
+                purpose="stronger than the vault",
+                owner="tre",
+                strength_bits=512,
+            ),
+            b"k" * 64,
+        )
+
+    result = _run("vault", "info", "--lab", str(bare_lab.root))
+
+    assert result.exit_code == 1
+    assert "strongest key held 512 bits: VIOLATES the policy" in result.output

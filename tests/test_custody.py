@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,29 @@ def test_resplit_and_prove_on_lab(bare_lab: Lab) -> None:
         assert proof.new_shares_open
         assert [row["valid"] for row in proof.share_checks] == [True, True, True]
     assert second.result.old_split == first.result.new_split
+
+
+def test_resplit_failed_save_keeps_old_shares(
+    bare_lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the rename that would publish the re-keyed vault fails,
+    # as on a full or failing device.
+    before_vault = bare_lab.vault_path.read_bytes()
+    before_shares = _snapshot(bare_lab.custodians_dir)
+    real_replace = os.replace
+
+    def failing_replace(source, target) -> None:
+        if Path(target) == bare_lab.vault_path:
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr("trekeys.vault.os.replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        with bare_lab.open_vault() as vault:
+            resplit_lab_custody(bare_lab, vault, reason="device full")
+    monkeypatch.undo()
+
+    assert _snapshot(bare_lab.custodians_dir) == before_shares
+    assert bare_lab.vault_path.read_bytes() == before_vault
+    with bare_lab.open_vault(read_only=True) as vault:
+        assert vault.ids() == [VAULT_MASTER_ID]

@@ -636,15 +636,22 @@ class Vault:
             )
 
         old_generations = list_generations(self.path)
+        old_password, old_keyfile = self._kp.password, self._kp.keyfile
         self._kp.password = credentials.password
         self._kp.keyfile = str(credentials.keyfile) if credentials.keyfile else None
         if kdf is not None:
             _apply_kdf(self._kp, kdf)
             self._write_meta({**self.meta, "kdf": kdf.describe()})
         self.record_operation("rekey-vault", "vault", "success", detail)
-        self._flush_audit()
-        # No transformed key: pykeepass then derives a new one under a new salt.
-        self._write_atomically(rotate_salt=True)
+        try:
+            self._flush_audit()
+            # No transformed key: pykeepass then derives a new one under a new salt.
+            self._write_atomically(rotate_salt=True)
+        except BaseException:
+            # The file on disk still has the old key; the session must match it
+            # so that discarding the changes can re-read the file.
+            self._kp.password, self._kp.keyfile = old_password, old_keyfile
+            raise
         self._dirty = False
 
         self._kp.read(
