@@ -191,6 +191,9 @@ def test_resplit_makes_old_shares_useless(bare_lab: Lab, tmp_path: Path) -> None
         master = vault.get(VAULT_MASTER_ID)
         assert master.attributes["split"] == result.new_split
         assert master.attributes["previous_split"] == old_split
+        history = vault._entries[VAULT_MASTER_ID].history
+        assert len(history) == 1
+        assert old_split in history[0].get_custom_property("trekeys.record")
         tombstone = vault.get(result.tombstone_id)
         assert tombstone.state is KeyState.DESTROYED
         assert vault.audit_log.verify(vault.meta["audit_head"]) > 0

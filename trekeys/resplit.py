@@ -203,7 +203,7 @@ def _record_new_master(vault: Vault, master: bytes, split_id: str, reason: str) 
         "previous_split": old_split,
         "rekeyed": now.isoformat(),
     }
-    vault.update(current, operation="resplit-custody", detail=reason)
+    vault.update(current, operation="resplit-custody", detail=reason, keep_history=True)
     return tombstone_id
 
 

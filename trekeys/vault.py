@@ -462,11 +462,22 @@ class Vault:
         return self.get(matches[0])
 
     def update(
-        self, record: KeyRecord, *, operation: str = "update", detail: str = ""
+        self,
+        record: KeyRecord,
+        *,
+        operation: str = "update",
+        detail: str = "",
+        keep_history: bool = False,
     ) -> None:
-        """Store a changed record and log the change."""
+        """Store a changed record and log the change.
+
+        With `keep_history`, the entry as it was is first copied into its
+        KeePass history, where KeePassXC shows it.
+        """
         self._require_writable()
         self.get(record.id)
+        if keep_history:
+            self._entries[record.id].save_history()
         self._store_record(record)
         self.record_operation(operation, record.id, "success", detail)
 
