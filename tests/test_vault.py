@@ -129,7 +129,10 @@ def test_flipped_byte_detected(
         Vault.open(vault_path, credentials)
 
     assert caught.value.path == vault_path
-    assert list_generations(vault_path)
+    newest = list_generations(vault_path)[0]
+    with Vault.open(newest, credentials, read_only=True) as previous:
+        assert previous.ids() == []
+        assert previous.meta["schema"] == 1
 
 
 def test_restore_generation_recovers_corrupt_vault(
