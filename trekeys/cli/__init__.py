@@ -39,9 +39,37 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import keys, labcmd, runs, vaultcmd
+    from trekeys.cli import (
+        backupcmd,
+        ceremony,
+        filescmd,
+        incident,
+        keys,
+        labcmd,
+        runs,
+        sshcmd,
+        tls,
+        transfercmd,
+        vaultcmd,
+        volume,
+        wrapcmd,
+    )
 
-    for module in (labcmd, keys, runs, vaultcmd):
+    for module in (
+        labcmd,
+        keys,
+        runs,
+        backupcmd,
+        filescmd,
+        incident,
+        sshcmd,
+        tls,
+        transfercmd,
+        vaultcmd,
+        volume,
+        wrapcmd,
+        ceremony,
+    ):
         module.register(main)
 
 

@@ -1,0 +1,290 @@
+"""Evidence for a compromise response or a routine rotation.
+
+The runbooks call these functions to choose the keys of a drill and to prove
+that a dry run changed nothing. They also check the outcome of a response
+from the records and the custody shares, build the timeline of an incident
+and list what is still open. None of them reads key material.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from trekeys.depgraph import DependencyGraph
+from trekeys.errors import CredentialError, IncidentError, RotatorMissingError
+from trekeys.incident import (
+    ResponsePlan,
+    ResponseResult,
+    build_plan,
+    load_incident,
+    missing_rotators,
+)
+from trekeys.lab import VAULT_MASTER_ID, Lab
+from trekeys.records import KeyKind, KeyState
+from trekeys.vault import Vault
+
+logger = logging.getLogger(__name__)
+
+_USABLE = {KeyState.ACTIVE, KeyState.PRE_ACTIVATION, KeyState.SUSPENDED}
+
+
+def hash_lab_files(lab: Lab) -> dict[str, str]:
+    """Return the SHA-256 of every file under the lab, by path relative to it."""
+    hashes = {}
+    for path in sorted(lab.root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            hashes[str(path.relative_to(lab.root))] = digest
+    return hashes
+
+
+def changed_files(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Return the paths added, removed or changed between two `hash_lab_files`."""
+    paths = set(before) | set(after)
+    return sorted(p for p in paths if before.get(p) != after.get(p))
+
+
+def choose_drill_keys(vault: Vault) -> tuple[list[str], str]:
+    """Pick the keys a compromise drill leaks, preferring the realistic case.
+
+    The first choice is a project instance's GPG key and a service's TLS key.
+    When their rotators are not installed, the drill falls back to fewer
+    keys, and last to the vault master, whose rotator trekeys always has.
+
+    Returns:
+        The key ids, and one sentence saying why they were chosen.
+
+    Raises:
+        IncidentError: no candidate has rotators for every key it affects.
+    """
+    instance_keys = [
+        r.id
+        for r in vault.find(kind=KeyKind.GPG.value, state="active")
+        if r.owner.startswith("instance:")
+    ]
+    service_keys = [
+        r.id
+        for r in vault.find(kind=KeyKind.TLS_CERT.value, state="active")
+        if any(p.startswith("service:") for p in r.protects)
+    ]
+    candidates = [
+        (
+            instance_keys[:1] + service_keys[:1],
+            "a project instance key and a service key",
+        ),
+        (instance_keys[:1], "a project instance key (no service key can be rotated)"),
+        (service_keys[:1], "a service key (no instance key can be rotated)"),
+        ([VAULT_MASTER_ID], "the vault master: no instance or service key rotator"),
+    ]
+    for key_ids, why in candidates:
+        if not key_ids:
+            continue
+        try:
+            build_plan(vault, key_ids)
+        except RotatorMissingError as exc:
+            logger.info("drill candidate %s skipped: %s", key_ids, exc)
+            continue
+        return key_ids, why
+    raise IncidentError(
+        "no drill candidate has rotators installed for every key it affects; "
+        "install the capability modules or pass leaked_keys explicitly."
+    )
+
+
+def verify_response(
+    vault: Vault, plan: ResponsePlan, result: ResponseResult
+) -> list[dict[str, Any]]:
+    """Check the outcome of a response from the records.
+
+    Returns:
+        One row per check: check, passed, detail.
+    """
+    graph = DependencyGraph.from_vault(vault)
+    new_keys = sorted({k for ids in result.new_keys.values() for k in ids})
+    rows = []
+
+    for step in plan.steps:
+        record = graph.records[step.key_id]
+        if step.key_id in result.new_keys.get(step.key_id, []):
+            check = f"{step.key_id} was re-keyed in place with new material"
+            passed = record.state is KeyState.ACTIVE
+        else:
+            check = f"old key {step.key_id} is marked compromised"
+            passed = _is_compromised(record.state)
+        rows.append(_row(check, passed, f"now {record.state.value}"))
+
+    for key_id in new_keys:
+        state = graph.records[key_id].state
+        rows.append(
+            _row(
+                f"new key {key_id} is active",
+                state is KeyState.ACTIVE,
+                f"state {state.value}",
+            )
+        )
+
+    compromised = [k for k, r in graph.records.items() if _is_compromised(r.state)]
+    leaks = [(c, n) for c in compromised for n in graph.edges[c] if n in new_keys]
+    rows.append(
+        _row(
+            "no compromised key protects a new key",
+            not leaks,
+            ", ".join(f"{c} protects {n}" for c, n in leaks)
+            or f"{len(new_keys)} new keys",
+        )
+    )
+
+    for ref in sorted({d["ref"] for d in plan.impact["data"]}):
+        holders = [
+            k for k in graph.holders_of(ref) if graph.records[k].state in _USABLE
+        ]
+        rows.append(
+            _row(
+                f"{ref} is recoverable with a key in use",
+                bool(holders),
+                ", ".join(holders) or "no usable key protects it",
+            )
+        )
+    return rows
+
+
+def verify_custody(lab: Lab, retired_split: str | None) -> list[dict[str, Any]]:
+    """Check that the current shares open the vault and retired ones do not.
+
+    Args:
+        lab: the lab.
+        retired_split: the split whose shares were retired, or None to skip that.
+    """
+    rows = []
+    with lab.open_vault(read_only=True) as vault:
+        share_rows = lab.check_each_share(vault)
+    rows.append(
+        _row(
+            "current custodian shares open the vault", True, f"{len(share_rows)} shares"
+        )
+    )
+    for share in share_rows:
+        rows.append(
+            _row(
+                f"share of {share['custodian']} is valid",
+                share["valid"],
+                share["detail"],
+            )
+        )
+    if retired_split is None:
+        return rows
+
+    retired = sorted((lab.custodians_dir / f"retired-{retired_split}").glob("*.share"))
+    try:
+        lab.open_vault(retired[: lab.threshold], read_only=True).close()
+        rejected, detail = False, "the retired shares still open the vault"
+    except CredentialError:
+        rejected, detail = True, f"{len(retired)} retired shares rejected"
+    rows.append(
+        _row("retired custodian shares no longer open the vault", rejected, detail)
+    )
+    return rows
+
+
+def retired_split_of(vault: Vault, result: ResponseResult) -> str | None:
+    """Return the split retired by a vault-master rotation in `result`, if any."""
+    if VAULT_MASTER_ID not in result.new_keys:
+        return None
+    retired = [k for k in vault.ids() if k.startswith(f"{VAULT_MASTER_ID}/split-")]
+    newest = max(retired, key=lambda k: vault.get(k).history[-1]["at"])
+    return newest.rsplit("split-", 1)[1]
+
+
+def incident_timeline(vault: Vault, incident_id: str) -> list[dict[str, str]]:
+    """Return the timeline of an incident: opened, each step done, closed."""
+    record = load_incident(vault, incident_id)
+    rows = [
+        {
+            "time": record["opened"],
+            "event": "incident opened",
+            "by": record["opened_by"],
+        }
+    ]
+    for step_id, step in sorted(record["steps"].items(), key=lambda s: s[1]["at"]):
+        new = ", ".join(step["new_keys"]) or "none"
+        rows.append(
+            {
+                "time": step["at"],
+                "event": f"step {step_id} done; new: {new}",
+                "by": step["by"],
+            }
+        )
+    if record.get("closed"):
+        rows.append(
+            {
+                "time": record["closed"],
+                "event": "incident closed",
+                "by": record["opened_by"],
+            }
+        )
+    return rows
+
+
+def open_items(
+    plan: ResponsePlan, notifications_drafted: int, dry_run: bool
+) -> list[dict[str, str]]:
+    """List what a person must still do after trekeys carried out the plan."""
+    items = [
+        {
+            "item": "find out how the key was disclosed, and close that path",
+            "role": "Information Security Manager",
+        },
+        {
+            "item": f"send the {notifications_drafted} drafted notifications "
+            "(trekeys drafts them, it does not send them)",
+            "role": "Information Security Manager",
+        },
+    ]
+    if dry_run:
+        items.append(
+            {
+                "item": "run the response for real: this was a dry run",
+                "role": "Information Security Manager",
+            }
+        )
+    for backup in plan.impact["backups"]:
+        if not backup["still_open_with"]:
+            items.append(
+                {
+                    "item": f"{backup['ref']}: no uncompromised recipient "
+                    "left; restore it and back it up again",
+                    "role": "TRE System Administrators",
+                }
+            )
+    for ref in plan.impact["unknown_refs"]:
+        items.append(
+            {
+                "item": f"records reference an unknown key {ref}; correct them",
+                "role": "TRE System Administrators",
+            }
+        )
+    if any(s.key_id == VAULT_MASTER_ID for s in plan.steps):
+        items.append(
+            {
+                "item": "collect and destroy the retired custodian shares",
+                "role": "Information Security Manager",
+            }
+        )
+    return items
+
+
+def rotatable(kinds: Sequence[KeyKind]) -> list[KeyKind]:
+    """Return the kinds among `kinds` whose rotator is installed."""
+    missing = missing_rotators(kinds)
+    return [k for k in dict.fromkeys(kinds) if k not in missing]
+
+
+def _is_compromised(state: KeyState) -> bool:
+    return state in (KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED)
+
+
+def _row(check: str, passed: bool, detail: str) -> dict[str, Any]:
+    return {"check": check, "passed": bool(passed), "detail": detail}
