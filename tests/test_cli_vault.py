@@ -138,10 +138,16 @@ def test_custody_resplit_custodian_leaves(bare_lab: Lab) -> None:
         "2",
         "--reason",
         "Operations Manager left",
+        "--compromised",
     )
 
     assert result.exit_code == 0
     assert "removed share of a former custodian" in result.output
+    with Lab.load(bare_lab.root).open_vault(read_only=True) as vault:
+        tombstones = vault.find(kind="vault-master", state="destroyed-compromised")
+    assert [t.id for t in tombstones] == [
+        f"tre/vault-master/split-{tombstones[0].attributes['split']}"
+    ]
     assert len(Lab.load(bare_lab.root).share_files()) == 2
     assert _run("custody", "check", "--lab", str(bare_lab.root)).exit_code == 0
 
