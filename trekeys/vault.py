@@ -1,11 +1,11 @@
 """The key vault: one KeePass (KDBX4) database that holds every key of the TRE.
 
 Each key is one KeePass entry in a group per kind and owner. The entry's
-password field holds the key material, its title is the key id, and the
-custom property ``trekeys.record`` holds the key record as JSON, so KeePassXC
-shows every key with its metadata. trekeys keeps its own index from key id to
-entry, built once per open, because pykeepass finds entries by scanning the
-whole XML tree.
+password field holds the key material, its title is the key id unless the
+caller names another, and the custom property ``trekeys.record`` holds the key
+record as JSON, so KeePassXC shows every key with its metadata. trekeys keeps
+its own index from the ``trekeys.id`` property to the entry, built once per
+open, because pykeepass finds entries by scanning the whole XML tree.
 
 Writers hold an exclusive lock for the whole session, from open to save, so
 two processes cannot interleave or lose an update. A save writes a new file,
@@ -80,7 +80,7 @@ class KdfSettings:
 
     @classmethod
     def production(cls) -> KdfSettings:
-        """Strong defaults: 256 MiB and 4 passes, about a second on a 2-core host."""
+        """Strong defaults: 256 MiB and 4 passes; `tune` fits them to a machine."""
         return cls(time_cost=4, memory_kib=256 * 1024, parallelism=2)
 
     @classmethod
@@ -415,7 +415,7 @@ class Vault:
             raw = self._raw_records.pop(key_id, None)
             if raw is None:
                 raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
-            self._records[key_id] = KeyRecord.from_dict(json.loads(raw or "{}"))
+            self._records[key_id] = _parse_record(key_id, raw or "{}")
         return self._records[key_id]
 
     def __contains__(self, key_id: object) -> bool:
@@ -465,11 +465,22 @@ class Vault:
         return self.get(matches[0])
 
     def update(
-        self, record: KeyRecord, *, operation: str = "update", detail: str = ""
+        self,
+        record: KeyRecord,
+        *,
+        operation: str = "update",
+        detail: str = "",
+        keep_history: bool = False,
     ) -> None:
-        """Store a changed record and log the change."""
+        """Store a changed record and log the change.
+
+        With `keep_history`, the entry as it was is first copied into its
+        KeePass history, where KeePassXC shows it.
+        """
         self._require_writable()
         self.get(record.id)
+        if keep_history:
+            self._entries[record.id].save_history()
         self._store_record(record)
         self.record_operation(operation, record.id, "success", detail)
 
@@ -642,15 +653,22 @@ class Vault:
             )
 
         old_generations = list_generations(self.path)
+        old_password, old_keyfile = self._kp.password, self._kp.keyfile
         self._kp.password = credentials.password
         self._kp.keyfile = str(credentials.keyfile) if credentials.keyfile else None
         if kdf is not None:
             _apply_kdf(self._kp, kdf)
             self._write_meta({**self.meta, "kdf": kdf.describe()})
         self.record_operation("rekey-vault", "vault", "success", detail)
-        self._flush_audit()
-        # No transformed key: pykeepass then derives a new one under a new salt.
-        self._write_atomically(rotate_salt=True)
+        try:
+            self._flush_audit()
+            # No transformed key: pykeepass then derives a new one under a new salt.
+            self._write_atomically(rotate_salt=True)
+        except BaseException:
+            # The file on disk still has the old key; the session must match it
+            # so that discarding the changes can re-read the file.
+            self._kp.password, self._kp.keyfile = old_password, old_keyfile
+            raise
         self._dirty = False
 
         self._kp.read(
@@ -874,6 +892,24 @@ class Vault:
 def audit_log_path(vault_path: Path) -> Path:
     """Return where the audit log of the vault at `vault_path` lives."""
     return vault_path.with_name(f"{vault_path.stem}-audit.jsonl")
+
+
+def _parse_record(key_id: str, raw: str) -> KeyRecord:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"the record of key {key_id} is not valid JSON (property "
+            f"{RECORD_PROPERTY}); it was edited outside trekeys, restore it from a "
+            "generation with 'trekeys vault restore'."
+        ) from exc
+    if not isinstance(data, dict) or data.get("id") != key_id:
+        raise RecordError(
+            f"the record of key {key_id} does not describe that key; it was edited "
+            "outside trekeys, restore it from a generation with 'trekeys vault "
+            "restore'."
+        )
+    return KeyRecord.from_dict(data)
 
 
 def _entry_strings(element: Any) -> dict[str, str]:
