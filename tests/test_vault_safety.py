@@ -1,0 +1,92 @@
+"""The vault refuses to hide audit gaps and forgets destroyed keys everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trekeys.audit import Actor, AuditLog, make_entry
+from trekeys.errors import AuditError
+from trekeys.lab import Lab
+from trekeys.records import KeyKind, KeyRecord, KeyState
+from trekeys.vault import list_generations
+
+SECRET = b"destroy-me-0123456789abcdef-material"
+
+
+def add_scratch_key(lab: Lab) -> None:
+    with lab.open_vault() as vault:
+        vault.add(
+            KeyRecord(id="scratch/mac", kind=KeyKind.MAC, purpose="test", owner="tre"),
+            SECRET,
+        )
+
+
+def test_deleted_audit_log_blocks_next_change(bare_lab: Lab) -> None:
+    add_scratch_key(bare_lab)
+    log = AuditLog(bare_lab.vault_path.with_name("vault-audit.jsonl"))
+    log.path.unlink()
+    before = bare_lab.vault_path.read_bytes()
+
+    with pytest.raises(AuditError, match="deleted, truncated or replaced"):
+        with bare_lab.open_vault() as vault:
+            vault.transition("scratch/mac", KeyState.ACTIVE, "go")
+
+    assert bare_lab.vault_path.read_bytes() == before
+
+
+def test_truncated_audit_log_blocks_next_change(bare_lab: Lab) -> None:
+    add_scratch_key(bare_lab)
+    log = AuditLog(bare_lab.vault_path.with_name("vault-audit.jsonl"))
+    lines = log.path.read_text().splitlines(keepends=True)
+    log.path.write_text("".join(lines[:-1]))
+
+    with pytest.raises(AuditError, match="does not contain the last entry"):
+        with bare_lab.open_vault() as vault:
+            vault.transition("scratch/mac", KeyState.ACTIVE, "go")
+
+    with bare_lab.open_vault() as vault:
+        assert vault.get("scratch/mac").state is KeyState.PRE_ACTIVATION
+
+
+def test_unsaved_entries_are_noted_in_log(bare_lab: Lab) -> None:
+    add_scratch_key(bare_lab)
+    log = AuditLog(bare_lab.vault_path.with_name("vault-audit.jsonl"))
+    sequence, previous = log.tail()
+    actor = Actor("TRE System Administrators", "crashed session")
+    log.append([make_entry(previous, sequence + 1, actor, "create", "x", "success")])
+
+    with bare_lab.open_vault() as vault:
+        vault.transition("scratch/mac", KeyState.ACTIVE, "go")
+
+    with bare_lab.open_vault() as vault:
+        count = vault.audit_log.verify(vault.meta["audit_head"])
+        operations = [e["operation"] for e in vault.audit_log.entries()]
+    assert count == len(operations)
+    assert "unsaved-entries" in operations
+    note = operations.index("unsaved-entries")
+    assert operations[note - 1] == "create"
+
+
+def test_destroy_removes_material_from_generations(bare_lab: Lab) -> None:
+    add_scratch_key(bare_lab)
+    with bare_lab.open_vault() as vault:
+        vault.transition("scratch/mac", KeyState.ACTIVE, "go")
+    assert list_generations(bare_lab.vault_path)
+
+    with bare_lab.open_vault() as vault:
+        vault.transition("scratch/mac", KeyState.DEACTIVATED, "retired")
+        vault.destroy("scratch/mac", "end of cryptoperiod")
+
+    assert list_generations(bare_lab.vault_path) == []
+    with bare_lab.open_vault() as vault:
+        assert vault.get("scratch/mac").state is KeyState.DESTROYED
+        assert "scratch/mac" in vault
+
+
+def test_saved_vault_file_is_private(bare_lab: Lab) -> None:
+    add_scratch_key(bare_lab)
+    files = [bare_lab.vault_path, *list_generations(bare_lab.vault_path)]
+    modes = {Path(f).name: Path(f).stat().st_mode & 0o777 for f in files}
+    assert all(mode == 0o600 for mode in modes.values()), modes
