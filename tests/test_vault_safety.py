@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trekeys.audit import Actor, AuditLog, make_entry
-from trekeys.errors import AuditError
+from trekeys.errors import AuditError, ShareError
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.vault import list_generations
@@ -90,3 +90,42 @@ def test_saved_vault_file_is_private(bare_lab: Lab) -> None:
     files = [bare_lab.vault_path, *list_generations(bare_lab.vault_path)]
     modes = {Path(f).name: Path(f).stat().st_mode & 0o777 for f in files}
     assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+def test_share_file_that_is_folder_raises(bare_lab: Lab) -> None:
+    folder = bare_lab.root / "folder.share"
+    folder.mkdir()
+
+    with pytest.raises(ShareError, match="cannot be read as text"):
+        bare_lab.open_vault([folder, bare_lab.share_files()[0]])
+
+
+def test_binary_share_file_raises(bare_lab: Lab) -> None:
+    binary = bare_lab.root / "binary.share"
+    binary.write_bytes(bytes(range(256)))
+
+    with pytest.raises(ShareError, match="cannot be read as text"):
+        bare_lab.open_vault([binary, bare_lab.share_files()[0]])
+
+
+def test_bad_checksum_names_share_file(bare_lab: Lab) -> None:
+    good = bare_lab.share_files()[0]
+    broken = bare_lab.root / "broken.share"
+    words = good.read_text().splitlines()[-1].split()
+    words[5] = "academic" if words[5] != "academic" else "acid"
+    broken.write_text(" ".join(words) + "\n")
+
+    with pytest.raises(ShareError, match="broken.share has a bad checksum"):
+        bare_lab.open_vault([broken, bare_lab.share_files()[1]])
+
+
+@pytest.mark.parametrize("damage", ["folder", "binary"])
+def test_unreadable_audit_log_raises(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "audit.jsonl"
+    if damage == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe\x00garbage\n")
+
+    with pytest.raises(AuditError, match="audit log"):
+        AuditLog(path).verify()
