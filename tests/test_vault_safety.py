@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trekeys.audit import Actor, AuditLog, make_entry
-from trekeys.errors import AuditError, ShareError
+from trekeys.errors import AuditError, CredentialError, ShareError
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.vault import list_generations
@@ -129,3 +129,23 @@ def test_unreadable_audit_log_raises(tmp_path: Path, damage: str) -> None:
 
     with pytest.raises(AuditError, match="audit log"):
         AuditLog(path).verify()
+
+
+def test_unfinished_resplit_names_staged_shares(bare_lab: Lab) -> None:
+    staged = bare_lab.custodians_dir / ".resplit-abcd"
+    staged.mkdir()
+    wrong = bare_lab.root / "wrong.share"
+    other = bare_lab.root / "other.share"
+    from trekeys.custody import Custodian, generate_master_secret, split_master_secret
+
+    split = split_master_secret(
+        generate_master_secret(), [Custodian("a", "a"), Custodian("b", "b")], 2
+    )
+    words = list(split.shares.values())
+    wrong.write_text(words[0] + "\n")
+    other.write_text(words[1] + "\n")
+
+    with pytest.raises(
+        CredentialError, match=r"re-split did not finish.*\.resplit-abcd"
+    ):
+        bare_lab.open_vault([wrong, other])

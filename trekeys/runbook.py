@@ -159,7 +159,7 @@ def open_vault(
         name=os.environ.get("TREKEYS_ACTOR")
         or f"{getpass.getuser()}@{socket.gethostname()}",
     )
-    return Vault.open(lab.vault_path, credentials, actor=actor)
+    return lab.open_vault_with(credentials, actor=actor)
 
 
 def read_secret_input(

@@ -33,7 +33,7 @@ share_option = click.option(
 def open_lab_vault(lab_dir: Path, share_files: tuple[Path, ...]) -> tuple[Lab, Vault]:
     """Load the lab and open its vault with the given shares."""
     lab = Lab.load(lab_dir)
-    return lab, Vault.open(lab.vault_path, lab_credentials(lab, share_files))
+    return lab, lab.open_vault_with(lab_credentials(lab, share_files))
 
 
 def lab_credentials(lab: Lab, share_files: tuple[Path, ...]) -> VaultCredentials:
