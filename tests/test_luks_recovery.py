@@ -240,3 +240,15 @@ def test_proof_needs_a_proven_step(full_lab: Lab) -> None:
         record = vault.get("beta/luks-volume")
 
     assert "last_recovery_report" not in record.attributes
+
+
+def test_failed_recovery_leaves_no_folder(full_lab: Lab, tmp_path: Path) -> None:
+    restores = tmp_path / "restores"
+    with full_lab.open_vault() as vault:
+        vault.put_secret("beta/luks-volume", os.urandom(64), reason="test")
+
+        with pytest.raises(CredentialError, match="does not match the digest"):
+            recover_files(full_lab, vault, "beta", restores / "out")
+
+    assert list(restores.iterdir()) == []
+    assert scratch_folders(full_lab) == []
