@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -462,3 +463,16 @@ def test_cli_audit_unreachable_days_column(lab: Lab) -> None:
     line = next(line for line in result.stdout.splitlines() if refused.address in line)
     assert line.split()[:2] == ["WARN", "-"]
     assert " d " not in line
+
+
+def test_expiry_timeline_html_has_alt_text(lab: Lab, vault: Vault) -> None:
+    report = tls.audit_tls(lab, vault)
+    png = tls.expiry_timeline_png(report)
+
+    alt = tls.expiry_timeline_alt(report)
+    tag = tls.expiry_timeline_html(png, 'a "quoted" <chart>')
+
+    assert alt.startswith("Certificate expiry timeline of 4 certificates, 0 failing")
+    assert "jupyter.tre.internal [WARN]" in alt
+    assert tag.startswith('<img alt="a &quot;quoted&quot; &lt;chart&gt;" src="data:')
+    assert base64.b64decode(tag.split("base64,")[1].removesuffix('"/>')) == png
