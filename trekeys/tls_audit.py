@@ -7,13 +7,13 @@ issuer, expiry and days left. It also reports whether the vault records it as
 a key's current certificate, whether it was revoked or superseded, and whether
 it verifies for its service name against the TRE's trusted roots.
 
-A certificate that is expired, revoked or superseded, whose key file does not
-match it, that does not verify for its service name, or that is deployed in
-the place of another key's certificate, is a failure while it is still
-deployed or served. One that expires within the warning period or is unknown
-to the vault but verifies, or an endpoint that cannot be reached, is a
-warning. Failures and warnings
-are reported per certificate and per endpoint, and the audit always goes on.
+A deployed or served certificate fails the audit when it is expired, revoked
+or superseded, or when its key file does not match it. It also fails when it
+does not verify for its service name, or when it sits where the vault records
+another key's certificate. A certificate that expires within the warning
+period or is unknown to the vault but verifies, or an endpoint that cannot be
+reached, is a warning. Failures and warnings are reported per certificate and
+per endpoint, and the audit always goes on.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class TlsAuditReport:
 
     @property
     def failures(self) -> list[CertificateFinding]:
-        """Findings that must be fixed now: expired, revoked, wrong key."""
+        """Findings that must be fixed now: expired, revoked, wrong key, unverified."""
         return [f for f in self.findings if f.failures]
 
     @property
@@ -267,7 +267,7 @@ class _Auditor:
         self, path: Path, deployment: _Deployment | None = None
     ) -> CertificateFinding:
         """Audit one chain file and, for a recorded deployment, the key file
-        beside it and whether the file still holds that key's certificate."""
+        beside it and whether the file still contains that key's certificate."""
         finding = CertificateFinding(str(path), "file")
         try:
             chain = load_certificates(path.read_bytes(), source=str(path))
@@ -280,7 +280,7 @@ class _Auditor:
             return finding
 
         # A recorded deployment is checked as a service certificate even when
-        # the file now holds a CA certificate: `openssl req -x509` marks its
+        # the file now contains a CA certificate: `openssl req -x509` marks its
         # self-signed output CA:TRUE, and such a swap must not skip the checks.
         self._describe(
             finding, chain, service=deployment.service, service_certificate=True
@@ -323,7 +323,7 @@ class _Auditor:
         """Fill in the certificate's fields and check it. `offline_check` selects
         the offline chain and host name check, which endpoints replace by a real
         handshake. That check skips CA certificates unless `service_certificate`
-        says the file is deployed as a service's certificate."""
+        marks the file as deployed for a service."""
         leaf = chain[0]
         finding.subject = leaf.subject.rfc4514_string()
         finding.issuer = leaf.issuer.rfc4514_string()
