@@ -331,7 +331,7 @@ def test_swapped_certificate_fails_key_check(
     assert portal.verdict == "FAIL"
     assert portal.key_matches is False
     assert portal.service == "portal.tre.internal"
-    assert any("does not match" in failure for failure in portal.failures)
+    assert "key file privkey.pem does not match the certificate" in portal.failures
     assert "not a certificate of tls/portal.tre.internal" in portal.failures
     assert not report.passed
 
@@ -476,3 +476,14 @@ def test_expiry_timeline_html_has_alt_text(lab: Lab, vault: Vault) -> None:
     assert "jupyter.tre.internal [WARN]" in alt
     assert tag.startswith('<img alt="a &quot;quoted&quot; &lt;chart&gt;" src="data:')
     assert base64.b64decode(tag.split("base64,")[1].removesuffix('"/>')) == png
+
+
+def test_missing_key_file_fails(lab: Lab, vault: Vault) -> None:
+    (lab.services_dir / "gitlab.tre.internal" / "privkey.pem").unlink()
+
+    report = tls.audit_tls(lab, vault)
+
+    gitlab = _by_source(report)[_chain(lab, "gitlab.tre.internal")]
+    assert gitlab.key_matches is False
+    assert gitlab.failures[0].startswith("key file privkey.pem is unusable: ")
+    assert "No such file" in gitlab.failures[0]

@@ -34,7 +34,11 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from trekeys.errors import CertificateError, EndpointError
+from trekeys.errors import (
+    CertificateError,
+    CertificateKeyMismatchError,
+    EndpointError,
+)
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyState
 from trekeys.tls_ca import (
@@ -403,9 +407,15 @@ class _Auditor:
         try:
             key = load_private_key(key_path.read_bytes(), source=str(key_path))
             check_key_matches(leaf, key, source=str(key_path))
+        except CertificateKeyMismatchError:
+            finding.key_matches = False
+            finding.failures.append(
+                f"key file {key_path.name} does not match the certificate"
+            )
+            return
         except (CertificateError, OSError) as exc:
             finding.key_matches = False
-            finding.failures.append(f"key file {key_path.name} does not match: {exc}")
+            finding.failures.append(f"key file {key_path.name} is unusable: {exc}")
             return
         finding.key_matches = True
 
@@ -438,7 +448,7 @@ class _Auditor:
 
 @dataclass(frozen=True)
 class _Deployment:
-    """Where the vault records a key's certificate as deployed, and for what."""
+    """A recorded deployment: the key, the service it serves and its key file."""
 
     key_id: str
     service: str
