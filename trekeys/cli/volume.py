@@ -59,8 +59,21 @@ def volume() -> None:
     help="Use PBKDF2 with 1000 iterations for the keyslots (tests and demos only) "
     "instead of Argon2id with cryptsetup's benchmarked costs.",
 )
+@click.option(
+    "--overwrite-existing-data",
+    is_flag=True,
+    help="Format the device even if it contains a file system, a partition table "
+    "or other non-zero data (never an existing LUKS volume).",
+)
 def provision(
-    lab_dir, share_files, instance, device, source_dir, sector_size, test_kdf
+    lab_dir,
+    share_files,
+    instance,
+    device,
+    source_dir,
+    sector_size,
+    test_kdf,
+    overwrite_existing_data,
 ) -> None:
     """Create INSTANCE's LUKS2 volume and escrow its keys and header backup."""
     kdf = KdfSettings.test() if test_kdf else KdfSettings.production()
@@ -74,6 +87,7 @@ def provision(
             kdf=kdf,
             source_dir=source_dir,
             sector_size=int(sector_size),
+            overwrite_existing_data=overwrite_existing_data,
         )
     click.echo(f"provisioned {device}: {ids.volume}, {ids.passphrase}, {ids.boot_key}")
     click.echo(f"keyslot KDF: {kdf.describe()}")
