@@ -51,6 +51,7 @@ from trekeys.luks_device import (
     restore_header,
     verify_key,
 )
+from trekeys.luks_headers import verify_media_backup
 from trekeys.records import KeyKind, utcnow
 from trekeys.vault import Vault
 from trekeys.xts import XtsDecryptor, decrypt_stream
@@ -366,10 +367,14 @@ def run_recovery_drill(
     """Run both recovery paths on copies of `instance`'s volume, then clean up.
 
     Raises:
+        HeaderBackupError: the header backup copy on the backup media is
+            missing, differs from the vault's backup, or is of another volume.
         IntegrityError: a step failed; the scratch folder is removed anyway.
     """
     drill = RecoveryDrill.start(lab, vault, instance)
     try:
+        # A drill that passes must prove the backup media copy usable as well.
+        verify_media_backup(lab, vault, drill.volume_id)
         copy = drill.copy_volume()
         if not drill.destroy_header(copy):
             raise IntegrityError(
