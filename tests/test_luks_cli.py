@@ -12,6 +12,7 @@ from trekeys.cli import main
 from trekeys.cryptsetup import KdfSettings, run_tool
 from trekeys.lab import Lab
 from trekeys.luks import build_manifest
+from trekeys.luks2meta import read_header
 from trekeys.luks_device import add_keyslot
 
 
@@ -148,3 +149,21 @@ def test_volume_check_header_after_refresh(full_lab: Lab) -> None:
     assert refreshed.exit_code == 0
     assert check.exit_code == 0
     assert "copy on the backup media matches" in check.output
+
+
+def test_volume_recover_after_header_damage(full_lab: Lab, tmp_path: Path) -> None:
+    live = full_lab.instance_dir("alpha") / "volume.img"
+    offset = read_header(live).data_segment().offset
+    with live.open("r+b") as handle:
+        handle.write(bytes(offset))
+    before = live.read_bytes()
+    target = tmp_path / "recovered"
+    lab = str(full_lab.root)
+
+    result = invoke("volume", "recover", "alpha", "--lab", lab, "--out", str(target))
+
+    assert result.exit_code == 0
+    assert build_manifest(target) == build_manifest(
+        full_lab.instance_dir("alpha") / "data"
+    )
+    assert live.read_bytes() == before

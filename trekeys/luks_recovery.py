@@ -28,9 +28,11 @@ from trekeys.cryptsetup import KdfSettings, run_tool, secret_file
 from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
+    HeaderBackupError,
     IntegrityError,
     ManifestMismatchError,
     NotLuksError,
+    ToolError,
     VolumeError,
 )
 from trekeys.lab import Lab
@@ -420,7 +422,9 @@ def recover_files(
     """Recover the files of `instance`'s volume into the new folder `target`.
 
     Works on a copy of the volume in user space, or, with `use_device_mapper`
-    on a host that has it, maps the live volume read-only and mounts it.
+    on a host that has it, maps the live volume read-only and mounts it. In
+    user space, a copy whose live header is unreadable first gets the vault's
+    header backup.
 
     Returns:
         The number of files recovered.
@@ -433,12 +437,60 @@ def recover_files(
     drill = RecoveryDrill.start(lab, vault, instance)
     try:
         copy = drill.copy_volume()
+        restored = _restore_unreadable_header(drill, copy)
         drill.use_escrowed_volume_key()
-        folder = drill.decrypt_and_extract(copy)
+        try:
+            folder = drill.decrypt_and_extract(copy)
+        except IntegrityError as error:
+            if not restored:
+                raise
+            raise IntegrityError(
+                f"the header of {drill.live} was restored from the vault's backup "
+                "on a scratch copy, but its data area contains no readable file "
+                "system, so the data is damaged too; restore the files from a data "
+                "backup."
+            ) from error
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("lost+found"))
         return sum(1 for p in target.rglob("*") if p.is_file())
     finally:
         drill.cleanup()
+
+
+def _restore_unreadable_header(drill: RecoveryDrill, copy: Path) -> bool:
+    """Put the vault's header backup onto `copy` when the live header is unreadable.
+
+    `RecoveryDrill.restore_header` first checks the backup against the SHA-256
+    and LUKS UUID that the vault recorded for the volume, so a backup of
+    another volume is never written. Only the scratch copy is changed.
+
+    Returns:
+        Whether the header was restored.
+
+    Raises:
+        HeaderBackupError: the live header is unreadable and the vault's
+            backup cannot replace it.
+    """
+    try:
+        read_header(drill.live)
+        return False
+    except (VolumeError, HeaderBackupError) as error:
+        logger.warning(
+            "the LUKS header of %s is unreadable (%s); restoring the header "
+            "backup of %s on a scratch copy",
+            drill.live,
+            error,
+            drill.volume_id,
+        )
+
+    try:
+        drill.restore_header(copy)
+    except (HeaderBackupError, VolumeError, ToolError) as error:
+        raise HeaderBackupError(
+            f"the LUKS header of {drill.live} is unreadable and the vault's header "
+            f"backup of {drill.volume_id} cannot replace it ({error}); recover the "
+            "volume from another header backup or a data backup."
+        ) from error
+    return True
 
 
 def _recover_with_device_mapper(
