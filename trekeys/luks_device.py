@@ -56,7 +56,7 @@ def find_existing_data(device: Path) -> str | None:
     )
     kind = fields.get("TYPE") or fields.get("PTTYPE")
     if probe.returncode == 0 and kind:
-        return f"a {kind} signature (blkid)"
+        return f"{kind} signature found by blkid -p"
 
     listing = run_tool(
         "wipefs", ["--noheadings", "--output", "TYPE,OFFSET", str(device)]
@@ -64,7 +64,7 @@ def find_existing_data(device: Path) -> str | None:
     signatures = listing.stdout.decode("utf-8", "replace").split("\n")
     found = [line.strip() for line in signatures if line.strip()]
     if found:
-        return f"signatures {', '.join(found)} (wipefs)"
+        return f"signatures found by wipefs: {', '.join(found)}"
 
     with device.open("rb") as handle:
         start = handle.read(1024 * 1024)

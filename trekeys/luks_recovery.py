@@ -475,11 +475,11 @@ def _restore_unreadable_header(drill: RecoveryDrill, copy: Path) -> bool:
         return False
     except (VolumeError, HeaderBackupError) as error:
         logger.warning(
-            "the LUKS header of %s is unreadable (%s); restoring the header "
-            "backup of %s on a scratch copy",
+            "the LUKS header of %s is unreadable, so the header backup of %s is "
+            "restored on a scratch copy: %s",
             drill.live,
-            error,
             drill.volume_id,
+            error,
         )
 
     try:
