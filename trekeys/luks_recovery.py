@@ -435,23 +435,23 @@ def recover_files(
         return _recover_with_device_mapper(lab, vault, instance, target)
 
     drill = RecoveryDrill.start(lab, vault, instance)
+    restored = False
     try:
         copy = drill.copy_volume()
         restored = _restore_unreadable_header(drill, copy)
         drill.use_escrowed_volume_key()
-        try:
-            folder = drill.decrypt_and_extract(copy)
-        except IntegrityError as error:
-            if not restored:
-                raise
-            raise IntegrityError(
-                f"the header of {drill.live} was restored from the vault's backup "
-                "on a scratch copy, but its data area contains no readable file "
-                "system, so the data is damaged too; restore the files from a data "
-                "backup."
-            ) from error
+        folder = drill.decrypt_and_extract(copy)
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("lost+found"))
         return sum(1 for p in target.rglob("*") if p.is_file())
+    except IntegrityError as error:
+        # Only extraction raises a plain IntegrityError once the header is back.
+        if not restored or isinstance(error, HeaderBackupError):
+            raise
+        raise IntegrityError(
+            f"the header of {drill.live} was restored from the vault's backup on a "
+            "scratch copy, but its data area contains no readable file system, so "
+            "the data is damaged too; restore the files from a data backup."
+        ) from error
     finally:
         drill.cleanup()
 
