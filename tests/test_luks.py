@@ -22,6 +22,7 @@ from trekeys.errors import (
     ToolError,
     ToolMissingError,
     UnsupportedVolumeError,
+    VolumeError,
 )
 from trekeys.inventory import build_inventory
 from trekeys.lab import Lab
@@ -366,3 +367,83 @@ def test_failed_provision_removes_new_image(full_lab: Lab, tmp_path: Path) -> No
     assert (source / "large.bin").stat().st_size == 3 * 1024 * 1024
     with full_lab.open_vault() as vault:
         assert "epsilon/luks-volume" not in vault
+
+
+def ext4_image(tmp_path: Path) -> Path:
+    source = tmp_path / "files"
+    source.mkdir()
+    (source / "results.csv").write_text("id,value\n1,42\n", encoding="utf-8")
+    image = tmp_path / "data.img"
+    image.write_bytes(bytes(8 * 1024 * 1024))
+    cryptsetup.run_tool("mke2fs", ["-q", "-t", "ext4", "-d", str(source), str(image)])
+    return image
+
+
+def random_image(tmp_path: Path) -> Path:
+    image = tmp_path / "random.img"
+    image.write_bytes(os.urandom(8 * 1024 * 1024))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("make_device", "found"),
+    [(ext4_image, "ext4 signature"), (random_image, "non-zero bytes")],
+)
+def test_provision_rejects_device_with_data(
+    full_lab: Lab, tmp_path: Path, make_device, found: str
+) -> None:
+    device = make_device(tmp_path)
+    before = sha256_of(device)
+    boot_key = full_lab.root / "delta.key"
+    with full_lab.open_vault() as vault:
+        with pytest.raises(VolumeError, match=f"{device} already contains data") as err:
+            provision_volume(
+                full_lab,
+                vault,
+                "delta",
+                device,
+                kdf=KdfSettings.test(),
+                boot_key_file=boot_key,
+            )
+
+    assert found in str(err.value)
+    assert "--overwrite-existing-data" in str(err.value)
+    assert sha256_of(device) == before
+    assert not boot_key.exists()
+    with full_lab.open_vault() as vault:
+        assert "delta/luks-volume" not in vault
+
+
+def test_provision_overwrites_data_when_asked(full_lab: Lab, tmp_path: Path) -> None:
+    device = ext4_image(tmp_path)
+    with full_lab.open_vault() as vault:
+        ids = provision_volume(
+            full_lab,
+            vault,
+            "delta",
+            device,
+            kdf=KdfSettings.test(),
+            keyslots_bytes=SMALL_KEYSLOTS_BYTES,
+            overwrite_existing_data=True,
+        )
+        key = vault.read_secret(ids.volume, "test")
+
+    assert read_header(device).check_volume_key(key)
+
+
+def test_provision_keeps_rejecting_luks_when_overwriting(full_lab: Lab) -> None:
+    device = full_lab.instance_dir("alpha") / "volume.img"
+    before = sha256_of(device)
+    with full_lab.open_vault() as vault:
+        with pytest.raises(VolumeError, match="already contains a LUKS volume"):
+            provision_volume(
+                full_lab,
+                vault,
+                "delta",
+                device,
+                kdf=KdfSettings.test(),
+                boot_key_file=full_lab.root / "delta.key",
+                overwrite_existing_data=True,
+            )
+
+    assert sha256_of(device) == before

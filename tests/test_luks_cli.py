@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from trekeys.cli import main
-from trekeys.cryptsetup import KdfSettings
+from trekeys.cryptsetup import KdfSettings, run_tool
 from trekeys.errors import VolumeError
 from trekeys.lab import Lab
 from trekeys.luks import build_manifest, current_key
+from trekeys.luks2meta import read_header
 from trekeys.luks_device import add_keyslot
 from trekeys.records import KeyKind
 
@@ -155,3 +157,94 @@ def test_current_key_unknown_instance(full_lab: Lab) -> None:
             match="no volume for instance gamma; known instances: alpha, beta",
         ):
             current_key(vault, "gamma", KeyKind.LUKS_VOLUME)
+
+
+def test_volume_provision_rejects_ext4_image(full_lab: Lab, tmp_path: Path) -> None:
+    source = tmp_path / "files"
+    source.mkdir()
+    (source / "notes.md").write_text("keep me\n", encoding="utf-8")
+    image = tmp_path / "data.img"
+    image.write_bytes(bytes(8 * 1024 * 1024))
+    run_tool("mke2fs", ["-q", "-t", "ext4", "-d", str(source), str(image)])
+    before = image.read_bytes()
+    lab = str(full_lab.root)
+
+    result = CliRunner().invoke(
+        main,
+        ["volume", "provision", "--lab", lab, "delta", "--device", str(image)]
+        + ["--test-kdf"],
+    )
+
+    assert result.exit_code != 0
+    assert "already contains data" in result.output
+    assert "--overwrite-existing-data" in result.output
+    assert image.read_bytes() == before
+
+
+def damage_media_copy(full_lab: Lab, damage: str) -> Path:
+    with full_lab.open_vault() as vault:
+        media = (
+            full_lab.root
+            / vault.get("alpha/luks-volume").attributes["header_backup_file"]
+        )
+        other = (
+            full_lab.root
+            / vault.get("beta/luks-volume").attributes["header_backup_file"]
+        )
+    if damage == "random":
+        media.write_bytes(os.urandom(media.stat().st_size))
+    elif damage == "other instance":
+        media.write_bytes(other.read_bytes())
+    else:
+        media.unlink()
+    return media
+
+
+@pytest.mark.parametrize("damage", ["random", "other instance", "deleted"])
+def test_volume_check_header_reads_media_copy(full_lab: Lab, damage: str) -> None:
+    lab = str(full_lab.root)
+    device = full_lab.instance_dir("alpha") / "volume.img"
+    before = device.read_bytes()
+    media = damage_media_copy(full_lab, damage)
+
+    check = invoke("volume", "check-header", "alpha", "--lab", lab)
+    drill = CliRunner().invoke(main, ["volume", "drill", "alpha", "--lab", lab])
+
+    assert check.exit_code == 1
+    assert "backup media copy FAILED" in check.output
+    assert str(media) in check.output
+    assert "matches the live header" not in check.output
+    assert drill.exit_code != 0
+    assert str(media) in drill.output
+    assert "live volume unchanged" not in drill.output
+    assert device.read_bytes() == before
+
+
+def test_volume_check_header_after_refresh(full_lab: Lab) -> None:
+    lab = str(full_lab.root)
+    damage_media_copy(full_lab, "deleted")
+
+    refreshed = invoke("volume", "backup-header", "alpha", "--lab", lab)
+    check = invoke("volume", "check-header", "alpha", "--lab", lab)
+
+    assert refreshed.exit_code == 0
+    assert check.exit_code == 0
+    assert "copy on the backup media matches" in check.output
+
+
+def test_volume_recover_after_header_damage(full_lab: Lab, tmp_path: Path) -> None:
+    live = full_lab.instance_dir("alpha") / "volume.img"
+    offset = read_header(live).data_segment().offset
+    with live.open("r+b") as handle:
+        handle.write(bytes(offset))
+    before = live.read_bytes()
+    target = tmp_path / "recovered"
+    lab = str(full_lab.root)
+
+    result = invoke("volume", "recover", "alpha", "--lab", lab, "--out", str(target))
+
+    assert result.exit_code == 0
+    assert build_manifest(target) == build_manifest(
+        full_lab.instance_dir("alpha") / "data"
+    )
+    assert live.read_bytes() == before

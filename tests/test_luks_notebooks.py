@@ -38,3 +38,19 @@ def test_volume_runbooks_pass_twice(full_lab: Lab, tmp_path: Path) -> None:
         assert base64.b64encode(secret).decode() not in reports
         if secret.isascii():
             assert secret.decode() not in reports
+
+
+def test_recovery_runbook_fails_on_bad_media_copy(
+    full_lab: Lab, tmp_path: Path
+) -> None:
+    with full_lab.open_vault() as vault:
+        name = vault.get("alpha/luks-volume").attributes["header_backup_file"]
+    media = full_lab.root / name
+    media.write_bytes(b"\0" * media.stat().st_size)
+
+    run = run_drills(full_lab.root, tmp_path / "reports", names=["volume-recovery"])
+
+    outcome = run.drills[0]
+    assert outcome.outcome == "failed"
+    assert "backup media is sound" in outcome.error
+    assert str(media) in outcome.error

@@ -24,6 +24,7 @@ from trekeys.luks import (
     build_manifest,
     read_escrowed_volume_key,
 )
+from trekeys.luks2meta import read_header
 from trekeys.luks_recovery import RecoveryDrill, recover_files, run_recovery_drill
 
 
@@ -251,4 +252,65 @@ def test_failed_recovery_leaves_no_folder(full_lab: Lab, tmp_path: Path) -> None
             recover_files(full_lab, vault, "beta", restores / "out")
 
     assert list(restores.iterdir()) == []
+
+
+def zero_live_header(lab: Lab, instance: str) -> Path:
+    live = lab.instance_dir(instance) / "volume.img"
+    offset = read_header(live).data_segment().offset
+    with live.open("r+b") as handle:
+        handle.write(bytes(offset))
+    return live
+
+
+def test_recover_files_restores_damaged_header(full_lab: Lab, tmp_path: Path) -> None:
+    live = zero_live_header(full_lab, "alpha")
+    before = sha256_of(live)
+    target = tmp_path / "recovered"
+
+    with full_lab.open_vault() as vault:
+        count = recover_files(full_lab, vault, "alpha", target)
+
+    original = build_manifest(full_lab.instance_dir("alpha") / "data")
+    assert count == len(original)
+    assert build_manifest(target) == original
+    assert sha256_of(live) == before
+    assert scratch_folders(full_lab) == []
+
+
+def test_recover_files_rejects_foreign_backup(full_lab: Lab, tmp_path: Path) -> None:
+    live = zero_live_header(full_lab, "alpha")
+    before = sha256_of(live)
+    target = tmp_path / "recovered"
+    with full_lab.open_vault() as vault:
+        foreign = vault.read_attachment("beta/luks-volume", HEADER_ATTACHMENT)
+        vault.add_attachment("alpha/luks-volume", HEADER_ATTACHMENT, foreign)
+        record = vault.get("alpha/luks-volume")
+        record.attributes["header_backup_sha256"] = hashlib.sha256(foreign).hexdigest()
+        vault.update(record)
+
+        with pytest.raises(HeaderBackupError, match=f"header of {live} is unreadable"):
+            recover_files(full_lab, vault, "alpha", target)
+
+    assert not target.exists()
+    assert sha256_of(live) == before
+    assert scratch_folders(full_lab) == []
+
+
+def test_recover_files_names_live_volume(full_lab: Lab, tmp_path: Path) -> None:
+    # Zeroing 16 MiB of a demo volume destroys its data area as well.
+    live = full_lab.instance_dir("alpha") / "volume.img"
+    with live.open("r+b") as handle:
+        handle.write(bytes(16 * 1024 * 1024))
+    before = sha256_of(live)
+    target = tmp_path / "recovered"
+
+    with full_lab.open_vault() as vault:
+        with pytest.raises(
+            IntegrityError, match=f"header of {live} was restored"
+        ) as err:
+            recover_files(full_lab, vault, "alpha", target)
+
+    assert "luks-drill-" not in str(err.value)
+    assert not target.exists()
+    assert sha256_of(live) == before
     assert scratch_folders(full_lab) == []

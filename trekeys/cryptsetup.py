@@ -35,6 +35,8 @@ _PACKAGES = {
     "cryptsetup": "cryptsetup-bin",
     "mke2fs": "e2fsprogs",
     "debugfs": "e2fsprogs",
+    "blkid": "util-linux",
+    "wipefs": "util-linux",
 }
 
 

@@ -35,6 +35,7 @@ from trekeys.luks_device import (
     build_ext4_image,
     dump_volume_key,
     encrypt_in_place,
+    find_existing_data,
     format_volume,
     reduce_size,
     verify_key,
@@ -45,6 +46,7 @@ from trekeys.luks_headers import (
     build_manifest,
     check_header_backup_current,
     export_header_backup,
+    find_media_backup_problem,
     read_escrowed_volume_key,
     read_manifest,
     refresh_header_backup,
@@ -68,6 +70,7 @@ __all__ = [
     "current_key",
     "destroy_volume",
     "export_header_backup",
+    "find_media_backup_problem",
     "key_ids",
     "known_instances",
     "provision_volume",
@@ -161,17 +164,21 @@ def provision_volume(
     sector_size: int = DEFAULT_SECTOR_SIZE,
     keyslots_bytes: int = DEFAULT_KEYSLOTS_BYTES,
     boot_key_file: Path | None = None,
+    overwrite_existing_data: bool = False,
 ) -> VolumeKeys:
     """Create an instance's LUKS2 volume and escrow its keys and header backup.
 
     With `source_dir`, `device` is a new image file holding an ext4 file
     system of those files, encrypted in place, and a manifest of the files is
-    stored. Without it, `device` is formatted empty; it must not already hold
-    a LUKS header.
+    stored. Without it, `device` is formatted empty. It must not contain a
+    LUKS header, and unless `overwrite_existing_data` is True it must contain
+    no known signature (file system, partition table) and its first MiB must
+    be all zeros.
 
     Raises:
         DestinationExistsError: the image, or the boot key file, exists.
-        VolumeError: `device` already contains a LUKS volume.
+        VolumeError: `device` already contains a LUKS volume, or other data
+            and `overwrite_existing_data` is False.
         RecordError: the instance already has volume keys in the vault.
     """
     kdf = kdf or KdfSettings.production()
@@ -187,6 +194,8 @@ def provision_volume(
         raise DestinationExistsError(boot_key_file)
     if source_dir is not None and device.exists():
         raise DestinationExistsError(device)
+    if source_dir is None:
+        _check_device_unused(device, overwrite_existing_data)
 
     boot_key = secrets.token_bytes(64)
     passphrase = new_passphrase()
@@ -240,7 +249,6 @@ def _create_volume(
 ) -> LuksHeader:
     """Format `device`, or build it from `source_dir` and encrypt it in place."""
     if source_dir is None:
-        _check_not_luks(device)
         return format_volume(
             device,
             boot_key,
@@ -259,13 +267,34 @@ def _create_volume(
     )
 
 
-def _check_not_luks(device: Path) -> None:
+def _check_device_unused(device: Path, overwrite_existing_data: bool) -> None:
+    """Raise unless `device` may be formatted without losing data.
+
+    An existing LUKS volume is rejected even with `overwrite_existing_data`,
+    because formatting it destroys its keyslots; 'trekeys volume destroy'
+    retires its keys first.
+    """
+    if not device.exists():
+        raise VolumeError(
+            f"device {device} does not exist; create the block device or image "
+            "file first."
+        )
     with device.open("rb") as handle:
         if handle.read(6) == b"LUKS\xba\xbe":
             raise VolumeError(
                 f"{device} already contains a LUKS volume; destroy it with 'trekeys "
                 "volume destroy' or choose another device."
             )
+    if overwrite_existing_data:
+        return
+
+    existing = find_existing_data(device)
+    if existing is not None:
+        raise VolumeError(
+            f"{device} already contains data ({existing}); choose an empty device, "
+            "or pass --overwrite-existing-data (overwrite_existing_data=True) to "
+            "format over it."
+        )
 
 
 def write_boot_key(path: Path, boot_key: bytes, *, replace: bool = False) -> None:

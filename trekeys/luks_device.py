@@ -42,6 +42,39 @@ def _layout_args(keyslots_bytes: int) -> list[str]:
     return ["--luks2-keyslots-size", f"{keyslots_bytes // 1024}k"]
 
 
+def find_existing_data(device: Path) -> str | None:
+    """Describe the data already on `device`, or return None when it looks unused.
+
+    ``blkid -p`` and ``wipefs`` (util-linux) name known signatures such as file
+    systems, partition tables and LUKS headers. A device that neither tool
+    recognises but whose first MiB is not all zeros still holds something, for
+    example random or encrypted data, so it counts as used too.
+    """
+    probe = run_tool("blkid", ["-p", "-o", "export", str(device)], check=False)
+    fields = dict(
+        line.split("=", 1)
+        for line in probe.stdout.decode("utf-8", "replace").splitlines()
+        if "=" in line
+    )
+    kind = fields.get("TYPE") or fields.get("PTTYPE")
+    if probe.returncode == 0 and kind:
+        return f"{kind} signature found by blkid -p"
+
+    listing = run_tool(
+        "wipefs", ["--noheadings", "--output", "TYPE,OFFSET", str(device)]
+    )
+    signatures = listing.stdout.decode("utf-8", "replace").split("\n")
+    found = [line.strip() for line in signatures if line.strip()]
+    if found:
+        return f"signatures found by wipefs: {', '.join(found)}"
+
+    with device.open("rb") as handle:
+        start = handle.read(1024 * 1024)
+    if start.strip(b"\0"):
+        return "non-zero bytes in its first MiB"
+    return None
+
+
 def format_volume(
     device: Path,
     first_key: bytes,

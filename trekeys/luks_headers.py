@@ -18,7 +18,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from trekeys.errors import CredentialError, DestinationExistsError, HeaderBackupError
+from trekeys.errors import (
+    CredentialError,
+    DestinationExistsError,
+    HeaderBackupError,
+    VolumeError,
+)
 from trekeys.lab import Lab
 from trekeys.luks2meta import LuksHeader, read_header
 from trekeys.luks_device import backup_header
@@ -162,6 +167,60 @@ def check_header_backup_current(lab: Lab, vault: Vault, volume_id: str) -> bool:
     if not current:
         logger.warning("the header backup of %s is stale", volume_id)
     return current
+
+
+def media_backup_path(lab: Lab, record: KeyRecord) -> Path | None:
+    """Return the header backup copy on the backup media that `record` names."""
+    name = record.attributes.get("header_backup_file")
+    if not name:
+        return None
+    path = Path(name)
+    return path if path.is_absolute() else lab.root / path
+
+
+def find_media_backup_problem(lab: Lab, vault: Vault, volume_id: str) -> str | None:
+    """Check the header backup copy on the backup media against the vault's record.
+
+    The copy must exist, have the SHA-256 recorded for the vault's attachment
+    and carry the volume's LUKS UUID.
+
+    Returns:
+        None when the copy is sound, or a message naming the file and the next
+        step.
+    """
+    record = vault.get(volume_id)
+    media = media_backup_path(lab, record)
+    instance = record.owner.removeprefix("instance:")
+    refresh = f"run 'trekeys volume backup-header {instance}' to write a new copy"
+    if media is None:
+        return f"{volume_id} records no header backup on the backup media; {refresh}."
+    if not media.is_file():
+        return f"header backup copy {media} on the backup media is missing; {refresh}."
+
+    try:
+        verify_header_backup(
+            media,
+            record.attributes["uuid"],
+            expected_sha256=record.attributes.get("header_backup_sha256"),
+        )
+    except (HeaderBackupError, VolumeError) as error:
+        return f"{error} Then {refresh}."
+    return None
+
+
+def verify_media_backup(lab: Lab, vault: Vault, volume_id: str) -> Path:
+    """Check the header backup copy on the backup media and return its path.
+
+    Raises:
+        HeaderBackupError: the copy is missing, differs from the vault's
+            attachment, or belongs to another volume.
+    """
+    problem = find_media_backup_problem(lab, vault, volume_id)
+    if problem is not None:
+        raise HeaderBackupError(problem)
+    media = media_backup_path(lab, vault.get(volume_id))
+    assert media is not None  # find_media_backup_problem checked the record
+    return media
 
 
 def export_header_backup(vault: Vault, volume_id: str, target: Path) -> LuksHeader:

@@ -28,9 +28,11 @@ from trekeys.cryptsetup import KdfSettings, run_tool, secret_file
 from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
+    HeaderBackupError,
     IntegrityError,
     ManifestMismatchError,
     NotLuksError,
+    ToolError,
     VolumeError,
 )
 from trekeys.lab import Lab
@@ -52,6 +54,7 @@ from trekeys.luks_device import (
     restore_header,
     verify_key,
 )
+from trekeys.luks_headers import verify_media_backup
 from trekeys.records import KeyKind, utcnow
 from trekeys.vault import Vault
 from trekeys.xts import XtsDecryptor, decrypt_stream
@@ -405,10 +408,14 @@ def run_recovery_drill(
     `RecoveryDrill.record_proof`).
 
     Raises:
+        HeaderBackupError: the header backup copy on the backup media is
+            missing, differs from the vault's backup, or is of another volume.
         IntegrityError: a step failed; the scratch folder is removed anyway.
     """
     drill = RecoveryDrill.start(lab, vault, instance)
     try:
+        # A drill that passes must prove the backup media copy usable as well.
+        verify_media_backup(lab, vault, drill.volume_id)
         copy = drill.copy_volume()
         if not drill.destroy_header(copy):
             raise IntegrityError(
@@ -454,10 +461,11 @@ def recover_files(
     """Recover the files of `instance`'s volume into the new folder `target`.
 
     Works on a copy of the volume in user space, or, with `use_device_mapper`
-    on a host that has it, maps the live volume read-only and mounts it.
-    `target` is created with mode 0700, and no recovered file or folder is
-    readable by group or others: the files are copied into a private staging
-    folder next to `target`, made private, and only then renamed to `target`.
+    on a host that has it, maps the live volume read-only and mounts it. In
+    user space, a copy whose live header is unreadable first gets the vault's
+    header backup. `target` is created with mode 0700, and no recovered file or
+    folder is readable by group or others: the files are copied into a private
+    staging folder next to `target`, made private, and only then renamed.
 
     Returns:
         The number of files recovered.
@@ -488,13 +496,61 @@ def recover_files(
 
 def _recover_in_user_space(lab: Lab, vault: Vault, instance: str, target: Path) -> None:
     drill = RecoveryDrill.start(lab, vault, instance)
+    restored = False
     try:
         copy = drill.copy_volume()
+        restored = _restore_unreadable_header(drill, copy)
         drill.use_escrowed_volume_key()
         folder = drill.decrypt_and_extract(copy)
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("lost+found"))
+    except IntegrityError as error:
+        # Only extraction raises a plain IntegrityError once the header is back.
+        if not restored or isinstance(error, HeaderBackupError):
+            raise
+        raise IntegrityError(
+            f"the header of {drill.live} was restored from the vault's backup on a "
+            "scratch copy, but its data area contains no readable file system, so "
+            "the data is damaged too; restore the files from a data backup."
+        ) from error
     finally:
         drill.cleanup()
+
+
+def _restore_unreadable_header(drill: RecoveryDrill, copy: Path) -> bool:
+    """Put the vault's header backup onto `copy` when the live header is unreadable.
+
+    `RecoveryDrill.restore_header` first checks the backup against the SHA-256
+    and LUKS UUID that the vault recorded for the volume, so a backup of
+    another volume is never written. Only the scratch copy is changed.
+
+    Returns:
+        Whether the header was restored.
+
+    Raises:
+        HeaderBackupError: the live header is unreadable and the vault's
+            backup cannot replace it.
+    """
+    try:
+        read_header(drill.live)
+        return False
+    except (VolumeError, HeaderBackupError) as error:
+        logger.warning(
+            "the LUKS header of %s is unreadable, so the header backup of %s is "
+            "restored on a scratch copy: %s",
+            drill.live,
+            drill.volume_id,
+            error,
+        )
+
+    try:
+        drill.restore_header(copy)
+    except (HeaderBackupError, VolumeError, ToolError) as error:
+        raise HeaderBackupError(
+            f"the LUKS header of {drill.live} is unreadable and the vault's header "
+            f"backup of {drill.volume_id} cannot replace it ({error}); recover the "
+            "volume from another header backup or a data backup."
+        ) from error
+    return True
 
 
 def _recover_with_device_mapper(

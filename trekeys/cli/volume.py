@@ -17,6 +17,7 @@ from trekeys.luks import (
     rotate_key,
 )
 from trekeys.luks_device import DEFAULT_SECTOR_SIZE
+from trekeys.luks_headers import find_media_backup_problem
 from trekeys.luks_recovery import recover_files, run_recovery_drill
 from trekeys.records import KeyKind
 
@@ -59,8 +60,21 @@ def volume() -> None:
     help="Use PBKDF2 with 1000 iterations for the keyslots (tests and demos only) "
     "instead of Argon2id with cryptsetup's benchmarked costs.",
 )
+@click.option(
+    "--overwrite-existing-data",
+    is_flag=True,
+    help="Format the device even if it contains a file system, a partition table "
+    "or other non-zero data (never an existing LUKS volume).",
+)
 def provision(
-    lab_dir, share_files, instance, device, source_dir, sector_size, test_kdf
+    lab_dir,
+    share_files,
+    instance,
+    device,
+    source_dir,
+    sector_size,
+    test_kdf,
+    overwrite_existing_data,
 ) -> None:
     """Create INSTANCE's LUKS2 volume and escrow its keys and header backup."""
     kdf = KdfSettings.test() if test_kdf else KdfSettings.production()
@@ -74,6 +88,7 @@ def provision(
             kdf=kdf,
             source_dir=source_dir,
             sector_size=int(sector_size),
+            overwrite_existing_data=overwrite_existing_data,
         )
     click.echo(f"provisioned {device}: {ids.volume}, {ids.passphrase}, {ids.boot_key}")
     click.echo(f"keyslot KDF: {kdf.describe()}")
@@ -97,18 +112,28 @@ def backup_header(lab_dir, share_files, instance) -> None:
 @share_option
 @click.argument("instance")
 def check_header(lab_dir, share_files, instance) -> None:
-    """Check that the stored header backup still matches the live header."""
+    """Check that the stored header backup still matches the live header.
+
+    The copy on the backup media must also exist and equal the vault's backup.
+    """
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
         record = current_key(vault, instance, KeyKind.LUKS_VOLUME)
         current = check_header_backup_current(lab, vault, record.id)
+        media_problem = find_media_backup_problem(lab, vault, record.id)
     if not current:
         click.echo(
             f"header backup of {record.id} is STALE; run 'trekeys volume "
             f"backup-header {instance}'"
         )
+    if media_problem is not None:
+        click.echo(f"backup media copy FAILED: {media_problem}")
+    if not current or media_problem is not None:
         raise SystemExit(1)
-    click.echo(f"header backup of {record.id} matches the live header")
+    click.echo(
+        f"header backup of {record.id} matches the live header, and its copy on "
+        "the backup media matches the vault's backup"
+    )
 
 
 @volume.command("drill")
