@@ -29,6 +29,7 @@ from typing import Any
 
 import nbformat
 
+from trekeys import approvals
 from trekeys.audit import AuditLog
 from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
@@ -64,6 +65,7 @@ class DrillResult:
         audit_range: the first and last audit log sequence numbers the drill wrote.
         keys_touched: id, fingerprint, algorithm and operations of each key the
             drill used, from the audit log; never material.
+        runbook: the notebook's SHA-256, git commit and approval status.
     """
 
     name: str
@@ -76,6 +78,7 @@ class DrillResult:
     checks: list[dict[str, Any]] = field(default_factory=list)
     audit_range: list[int] = field(default_factory=list)
     keys_touched: list[dict[str, Any]] = field(default_factory=list)
+    runbook: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +193,7 @@ def run_drills(
     notebooks_folder: Path | None = None,
     on_start: Callable[[str], None] | None = None,
     on_finish: Callable[[DrillResult], None] | None = None,
+    require_approved: bool = False,
 ) -> RunResult:
     """Run the chosen runbooks against a lab and write their reports.
 
@@ -203,17 +207,23 @@ def run_drills(
         notebooks_folder: where the runbooks are; `notebooks_dir()` by default.
         on_start: called with each drill name before it runs.
         on_finish: called with each result after it ran.
+        require_approved: reject runbooks that are not in their approved
+            version (see `trekeys.approvals`) before anything runs.
 
     Raises:
         LabError: `lab_dir` is missing or not a lab.
-        DrillError: a name or parameter is invalid, or the reports folder is
-            not writable. Nothing has run when these are raised.
+        DrillError: a name or parameter is invalid, a runbook is not approved
+            while `require_approved` is set, or the reports folder is not
+            writable. Nothing has run when these are raised.
     """
     from trekeys import reports
 
     lab = Lab.load(lab_dir)
     chosen = select_notebooks(names, notebooks_folder)
     per_drill = parameters_for_drills(chosen, dict(parameters or {}))
+    pins = approvals.pin_runbooks(chosen)
+    if require_approved:
+        approvals.require_approved(pins)
     if timeout <= 0:
         raise DrillError(f"timeout {timeout} is invalid; give a positive number.")
     folder = new_run_folder(Path(out_root).absolute())
@@ -224,6 +234,7 @@ def run_drills(
             on_start(name)
         params = {**per_drill[name], "lab_dir": str(lab.root)}
         result = run_notebook(name, path, folder, params, timeout, lab=lab)
+        result.runbook = pins[name].to_dict()
         run.drills.append(result)
         if on_finish is not None:
             on_finish(result)

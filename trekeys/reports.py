@@ -98,6 +98,7 @@ def add_evidence_cell(path: Path, result: DrillResult, evidence: dict[str, Any])
         ("ended", result.ended),
         *[(name, str(value)) for name, value in evidence.items()],
         ("parameters", json.dumps(result.parameters, sort_keys=True)),
+        *_runbook_rows(result.runbook),
     ]
     lines = ["## Drill evidence", "", "| item | value |", "|---|---|"]
     lines += [f"| {name} | {_cell_text(value)} |" for name, value in rows]
@@ -109,12 +110,36 @@ def add_evidence_cell(path: Path, result: DrillResult, evidence: dict[str, Any])
         lines.append("| " + " | ".join(_cell_text(v) for v in values) + " |")
     if not result.keys_touched:
         lines.append("| (none) | | | | |")
+    if result.runbook.get("changes"):
+        lines += ["", "**Changes since the approved version of this runbook**", ""]
+        lines += ["```diff", result.runbook["changes"].rstrip("\n"), "```"]
 
     notebook = nbformat.read(path, as_version=4)
     cell = nbformat.v4.new_markdown_cell("\n".join(lines))
     cell.metadata["tags"] = ["trekeys-evidence"]
     notebook.cells.insert(0, cell)
     _write_notebook(notebook, path)
+
+
+def _runbook_rows(pin: dict[str, Any]) -> list[tuple[str, str]]:
+    if not pin:
+        return []
+    commit = pin["git_commit"] or "not in git"
+    if pin["uncommitted"]:
+        commit += " plus uncommitted changes"
+    approval = pin["status"]
+    if pin["approved_by"]:
+        approval += (
+            f" (approved by {pin['approved_by']} on {pin['approved_at']}, "
+            f"sha256 {pin['approved_sha256']}, commit {pin['approved_commit']})"
+        )
+    if pin["status"] != "approved":
+        approval = f"**{approval.upper()}**"
+    return [
+        ("runbook sha256", pin["sha256"]),
+        ("runbook git commit", commit),
+        ("runbook approval", approval),
+    ]
 
 
 def _cell_text(value: Any) -> str:
