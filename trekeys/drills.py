@@ -35,7 +35,7 @@ from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
 from trekeys.lab import Lab
 from trekeys.records import utcnow
-from trekeys.runbook import CHECKS_FILE_ENV
+from trekeys.runbook import CHECKS_FILE_ENV, PROOFS_FILE_ENV
 from trekeys.vault import audit_log_path
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class DrillResult:
         keys_touched: id, fingerprint, algorithm and operations of each key the
             drill used, from the audit log; never material.
         runbook: the notebook's SHA-256, git commit and approval status.
+        recovery_proofs: the keys the drill proved recoverable; each is
+            written to its key record only if the drill passed.
     """
 
     name: str
@@ -79,6 +81,7 @@ class DrillResult:
     audit_range: list[int] = field(default_factory=list)
     keys_touched: list[dict[str, Any]] = field(default_factory=list)
     runbook: dict[str, Any] = field(default_factory=dict)
+    recovery_proofs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -259,17 +262,23 @@ def run_notebook(
     audit = AuditLog(audit_log_path(lab.vault_path)) if lab else None
     first_seq = audit.tail()[0] + 1 if audit else 0
 
+    proofs_file = folder / f"{name}.proofs.jsonl"
+
     started = time.monotonic()
-    previous = os.environ.get(CHECKS_FILE_ENV)
+    previous = {env: os.environ.get(env) for env in (CHECKS_FILE_ENV, PROOFS_FILE_ENV)}
     os.environ[CHECKS_FILE_ENV] = str(checks_file)
+    os.environ[PROOFS_FILE_ENV] = str(proofs_file)
     try:
         result.outcome, result.error = _execute(path, output, parameters, timeout)
     finally:
-        _restore_env(CHECKS_FILE_ENV, previous)
+        for env, value in previous.items():
+            _restore_env(env, value)
 
     result.ended = utcnow().isoformat()
-    result.checks = _read_checks(checks_file)
+    result.checks = _read_json_lines(checks_file)
+    result.recovery_proofs = _read_json_lines(proofs_file)
     checks_file.unlink(missing_ok=True)
+    proofs_file.unlink(missing_ok=True)
     if audit is not None:
         result.audit_range = [first_seq, audit.tail()[0]]
     _judge_outputs(result, output)
@@ -422,7 +431,7 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
-def _read_checks(path: Path) -> list[dict[str, Any]]:
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     import json
 
     if not path.exists():

@@ -70,6 +70,7 @@ def finish_run(run: RunResult, lab: Lab, out_root: Path) -> None:
         _write_reports(run, lab, vault)
         write_summary(run)
         _scan_for_secrets(run, lab, vault)
+        _record_recovery_proofs(run, vault)
         write_summary(run)
         signing.sign_run_folder(run.folder, vault)
     write_index(out_root)
@@ -99,6 +100,10 @@ def add_evidence_cell(path: Path, result: DrillResult, evidence: dict[str, Any])
         *[(name, str(value)) for name, value in evidence.items()],
         ("parameters", json.dumps(result.parameters, sort_keys=True)),
         *_runbook_rows(result.runbook),
+        (
+            "recovery proofs claimed",
+            ", ".join(p["key_id"] for p in result.recovery_proofs) or "none",
+        ),
     ]
     lines = ["## Drill evidence", "", "| item | value |", "|---|---|"]
     lines += [f"| {name} | {_cell_text(value)} |" for name, value in rows]
@@ -188,6 +193,29 @@ def _scan_for_secrets(run: RunResult, lab: Lab, vault: Any) -> None:
         if drill is not None:
             drill.outcome = "failed"
             drill.error = f"key material in the report: {finding.describe()}"
+
+
+def _record_recovery_proofs(run: RunResult, vault: Any) -> None:
+    """Write the recovery proofs of the drills that passed to their key records."""
+    for drill in run.drills:
+        for proof in drill.recovery_proofs:
+            proof["recorded"] = False
+            if drill.outcome != "passed":
+                proof["note"] = "not recorded: the drill did not pass"
+                continue
+            report = f"{run.folder.name}/{drill.name}.ipynb"
+            try:
+                runbook.write_recovery_proof(
+                    vault, proof["key_id"], report, proof["at"], proof["detail"]
+                )
+            except TrekeysError as exc:
+                proof["note"] = f"not recorded: {exc}"
+                logger.warning(
+                    "recovery proof of %s not recorded: %s", proof["key_id"], exc
+                )
+                continue
+            proof["recorded"] = True
+            proof["report"] = report
 
 
 def write_summary(run: RunResult) -> Path:
