@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,12 @@ from trekeys import approvals
 from trekeys.audit import AuditLog
 from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
+from trekeys.kernels import (
+    KERNEL_NAME,
+    KernelStarter,
+    kill_kernel,
+    manager_class_for,
+)
 from trekeys.lab import Lab
 from trekeys.records import utcnow
 from trekeys.runbook import CHECKS_FILE_ENV, PROOFS_FILE_ENV
@@ -232,18 +237,43 @@ def run_drills(
     folder = new_run_folder(Path(out_root).absolute())
 
     run = RunResult(folder, [], started=utcnow().isoformat())
-    for name, path in chosen.items():
-        if on_start is not None:
-            on_start(name)
-        params = {**per_drill[name], "lab_dir": str(lab.root)}
-        result = run_notebook(name, path, folder, params, timeout, lab=lab)
-        result.runbook = pins[name].to_dict()
-        run.drills.append(result)
-        if on_finish is not None:
-            on_finish(result)
+    plan = list(chosen.items())
+    starter = KernelStarter()
+    try:
+        starter.start_next(drill_environment(folder, plan[0][0]), folder)
+        for number, (name, path) in enumerate(plan):
+            if on_start is not None:
+                on_start(name)
+            kernel = starter.take()
+            if number + 1 < len(plan):
+                # The next drill's kernel boots while this drill runs.
+                next_name = plan[number + 1][0]
+                starter.start_next(drill_environment(folder, next_name), folder)
+            params = {**per_drill[name], "lab_dir": str(lab.root)}
+            try:
+                result = run_notebook(
+                    name, path, folder, params, timeout, lab=lab, kernel=kernel
+                )
+            finally:
+                starter.shutdown(kernel)
+            result.runbook = pins[name].to_dict()
+            run.drills.append(result)
+            if on_finish is not None:
+                on_finish(result)
+    finally:
+        starter.close()
 
     reports.finish_run(run, lab, Path(out_root))
     return run
+
+
+def drill_environment(folder: Path, name: str) -> dict[str, str]:
+    """Return the environment of a drill's kernel: ours plus its evidence files."""
+    return {
+        **os.environ,
+        CHECKS_FILE_ENV: str(folder / f"{name}.checks.jsonl"),
+        PROOFS_FILE_ENV: str(folder / f"{name}.proofs.jsonl"),
+    }
 
 
 def run_notebook(
@@ -254,25 +284,35 @@ def run_notebook(
     timeout: float,
     *,
     lab: Lab | None = None,
+    kernel: Any = None,
 ) -> DrillResult:
-    """Execute one notebook with papermill into `folder` and judge its outcome."""
+    """Execute one notebook with papermill into `folder` and judge its outcome.
+
+    Args:
+        kernel: a started kernel manager whose kernel has the environment of
+            `drill_environment`; when None, one is started and shut down here.
+    """
     result = DrillResult(name, path.name, parameters, utcnow().isoformat())
     output = folder / f"{name}.ipynb"
-    checks_file = folder / f"{name}.checks.jsonl"
+    environment = drill_environment(folder, name)
+    checks_file = Path(environment[CHECKS_FILE_ENV])
+    proofs_file = Path(environment[PROOFS_FILE_ENV])
     audit = AuditLog(audit_log_path(lab.vault_path)) if lab else None
     first_seq = audit.tail()[0] + 1 if audit else 0
 
-    proofs_file = folder / f"{name}.proofs.jsonl"
-
     started = time.monotonic()
-    previous = {env: os.environ.get(env) for env in (CHECKS_FILE_ENV, PROOFS_FILE_ENV)}
-    os.environ[CHECKS_FILE_ENV] = str(checks_file)
-    os.environ[PROOFS_FILE_ENV] = str(proofs_file)
+    own_starter = KernelStarter() if kernel is None else None
+    if own_starter is not None:
+        own_starter.start_next(environment, folder)
+        kernel = own_starter.take()
     try:
-        result.outcome, result.error = _execute(path, output, parameters, timeout)
+        result.outcome, result.error = _execute(
+            path, output, parameters, timeout, kernel
+        )
     finally:
-        for env, value in previous.items():
-            _restore_env(env, value)
+        if own_starter is not None:
+            own_starter.shutdown(kernel)
+            own_starter.close()
 
     result.ended = utcnow().isoformat()
     result.checks = _read_json_lines(checks_file)
@@ -289,31 +329,19 @@ def run_notebook(
 
 
 def _execute(
-    path: Path, output: Path, parameters: dict[str, Any], timeout: float
+    path: Path, output: Path, parameters: dict[str, Any], timeout: float, kernel: Any
 ) -> tuple[str, str]:
-    """Run papermill with a watchdog that kills the kernel after `timeout` seconds."""
+    """Run papermill on `kernel`, with a watchdog that kills it after `timeout` s."""
     import papermill
-    from jupyter_client.manager import AsyncKernelManager
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
-
-    managers: list[AsyncKernelManager] = []
-
-    class TrackedKernelManager(AsyncKernelManager):
-        """A kernel manager that the watchdog below can find and stop."""
-
-        def __init__(self, **kwargs: Any) -> None:
-            # IPC sockets in the runtime folder: no TCP port opens at all.
-            kwargs.setdefault("transport", "ipc")
-            super().__init__(**kwargs)
-            managers.append(self)
 
     stopped = threading.Event()
 
     def stop_kernel() -> None:
         stopped.set()
-        for manager in managers:
-            _kill_kernel(manager)
+        logger.warning("stopping the kernel of %s: it timed out", path.name)
+        kill_kernel(kernel)
 
     watchdog = threading.Timer(timeout, stop_kernel)
     watchdog.daemon = True
@@ -323,11 +351,11 @@ def _execute(
             str(path),
             str(output),
             parameters=parameters,
-            kernel_name="python3",
+            kernel_name=KERNEL_NAME,
             execution_timeout=int(timeout) + 1,
             progress_bar=False,
             cwd=str(output.parent),
-            kernel_manager_class=TrackedKernelManager,
+            kernel_manager_class=manager_class_for(kernel),
         )
     except PapermillExecutionError as exc:
         return FAILED, f"{exc.ename}: {_last_line(exc.evalue)}"
@@ -345,20 +373,6 @@ def _execute(
     finally:
         watchdog.cancel()
     return PASSED, ""
-
-
-def _kill_kernel(manager: Any) -> None:
-    # The kernel runs in its own session (jupyter_client starts it that way), so
-    # killing its process group also stops the tools a cell started.
-    provisioner = getattr(manager, "provisioner", None)
-    pid = getattr(provisioner, "pid", None)
-    if not pid:
-        return
-    logger.warning("stopping kernel process %d: the drill timed out", pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _mark_stopped_cell(output: Path, ename: str, message: str) -> None:
@@ -422,13 +436,6 @@ def _first_error_output(path: Path) -> str | None:
 def _last_line(text: str | None) -> str:
     lines = str(text or "").strip().splitlines()
     return lines[-1][:500] if lines else ""
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
