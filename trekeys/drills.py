@@ -238,6 +238,7 @@ def run_drills(
 
     run = RunResult(folder, [], started=utcnow().isoformat())
     plan = list(chosen.items())
+    warm_up = reports.start_html_warm_up()
     starter = KernelStarter()
     try:
         starter.start_next(drill_environment(folder, plan[0][0]), folder)
@@ -263,6 +264,7 @@ def run_drills(
     finally:
         starter.close()
 
+    warm_up.join()
     reports.finish_run(run, lab, Path(out_root))
     return run
 

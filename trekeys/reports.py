@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,20 @@ def _html_exporter() -> Any:
     from nbconvert import HTMLExporter
 
     return HTMLExporter()
+
+
+def start_html_warm_up() -> threading.Thread:
+    """Load nbconvert and its templates in the background, while drills run."""
+
+    def warm_up() -> None:
+        try:
+            _html_exporter().from_notebook_node(nbformat.v4.new_notebook())
+        except Exception as exc:  # the real rendering reports any problem
+            logger.debug("HTML warm-up failed: %s", exc)
+
+    thread = threading.Thread(target=warm_up, name="html-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def render_html(path: Path) -> Path:
