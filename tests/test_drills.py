@@ -269,6 +269,45 @@ def test_kernel_death_reported(bare_lab: Lab, books: Path, tmp_path: Path):
     assert error_cells(run.folder / "crash.ipynb")
 
 
+def test_each_drill_gets_fresh_kernel(bare_lab: Lab, tmp_path: Path):
+    books = tmp_path / "fresh"
+    for name in ("10-first", "20-second"):
+        write_notebook(
+            books,
+            name,
+            "import os\nprint('pid', os.getpid())\n"
+            "print('leftover' in globals())\nleftover = 1",
+        )
+
+    run = run_drills(bare_lab.root, tmp_path / "reports", notebooks_folder=books)
+
+    assert run.passed
+    outputs = []
+    for name in ("first", "second"):
+        cell = nbformat.read(run.folder / f"{name}.ipynb", as_version=4).cells[-1]
+        outputs.append(cell.outputs[0]["text"].split())
+    assert outputs[0][1] != outputs[1][1]  # different kernel processes
+    assert outputs[0][2] == "False"
+    assert outputs[1][2] == "False"  # nothing left over from the first drill
+
+
+def test_timeout_spares_next_drill(bare_lab: Lab, books: Path, tmp_path: Path):
+    # The next drill's kernel is already starting when the slow one is killed.
+    run = run_drills(
+        bare_lab.root,
+        tmp_path / "reports",
+        names=["ok", "slow", "raises"],
+        timeout=2.5,
+        notebooks_folder=books,
+    )
+
+    results = {d.name: d for d in run.drills}
+    assert results["ok"].outcome == PASSED
+    assert results["slow"].outcome == TIMED_OUT
+    assert results["raises"].outcome == "failed"
+    assert "step 2 broke" in results["raises"].error
+
+
 def test_runs_never_overwrite(bare_lab: Lab, books: Path, tmp_path: Path):
     out = tmp_path / "reports"
     first = run_drills(bare_lab.root, out, names=["ok"], notebooks_folder=books)

@@ -90,6 +90,13 @@ class KernelStarter:
         self._join()
         if not manager.has_kernel:
             return  # nbclient shut it down already
+        if not self._loop.run_until_complete(manager.is_alive()):
+            # Killed by the timeout or died: only its files are left to remove.
+            try:
+                self._loop.run_until_complete(manager.cleanup_resources())
+            except Exception as exc:  # the files may be gone already
+                logger.debug("kernel cleanup failed: %s", exc)
+            return
         try:
             self._loop.run_until_complete(manager.shutdown_kernel(now=False))
         except Exception as exc:  # a dead or hung kernel; kill what is left
