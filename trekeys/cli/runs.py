@@ -107,7 +107,8 @@ def drill(
 
     for result in run.drills:
         if result.runbook.get("status", "approved") != "approved":
-            click.echo(f"warning: {result.notebook} is {result.runbook['status']}")
+            status = result.runbook["status"]
+            click.echo(f"warning: {result.notebook} is {status}", err=True)
         line = f"{result.outcome:11} {result.name}"
         click.echo(line + (f": {result.error}" if result.error else ""))
     for error in run.errors:
@@ -163,9 +164,9 @@ def verify(run_folder: Path, fingerprint: str | None) -> None:
 def prune(out_dir: Path, keep: int, dry_run: bool) -> None:
     """Remove old run folders, always keeping each drill's latest passing run."""
     removed = prune_runs(out_dir, keep, dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
     for folder in removed:
-        click.echo(f"{verb} {folder}")
+        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+    verb = "would be removed" if dry_run else "removed"
     click.echo(f"{len(removed)} run folder(s) {verb}")
 
 
