@@ -409,6 +409,23 @@ def test_signing_key_lists_each_signed_run(bare_lab: Lab, books: Path, tmp_path:
     assert manifest["signing_key"]["fingerprint"] == record.fingerprint
 
 
+def test_unopenable_vault_fails_run(bare_lab: Lab, tmp_path: Path):
+    books = tmp_path / "away"
+    keyfile = bare_lab.keyfile_path
+    write_notebook(
+        books, "10-hide-keyfile", f"import os\nos.rename('{keyfile}', '{keyfile}.away')"
+    )
+
+    run = run_drills(bare_lab.root, tmp_path / "reports", notebooks_folder=books)
+
+    assert run.drills[0].outcome == PASSED
+    assert not run.passed
+    assert "neither scanned for secrets nor signed" in run.errors[0]
+    summary = read_summary(run.folder)
+    assert summary["passed"] is False
+    assert not (run.folder / "manifest.json").exists()
+
+
 # The command line.
 
 

@@ -95,7 +95,10 @@ def add_evidence_cell(path: Path, result: DrillResult, evidence: dict[str, Any])
     """Insert a markdown cell with the drill's evidence at the top of a notebook."""
     rows = [
         ("drill", result.name),
-        ("outcome", result.outcome + (f": {result.error}" if result.error else "")),
+        (
+            "notebook outcome (before the secret scan, see summary.json)",
+            result.outcome + (f": {result.error}" if result.error else ""),
+        ),
         ("started", result.started),
         ("ended", result.ended),
         *[(name, str(value)) for name, value in evidence.items()],
