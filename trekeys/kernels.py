@@ -89,7 +89,7 @@ class KernelStarter:
         return manager
 
     def shutdown(self, manager: AsyncKernelManager) -> None:
-        """Shut a kernel down, killing it when it does not answer."""
+        """Shut a kernel down, killing it when it does not respond."""
         self._join()
         if not manager.has_kernel:
             return  # nbclient shut it down already
@@ -124,7 +124,7 @@ class KernelStarter:
 async def _start_and_preload(
     manager: AsyncKernelManager, env: Mapping[str, str], cwd: Path
 ) -> None:
-    """Start a kernel, wait until it answers, and import trekeys into it.
+    """Start a kernel, wait until it responds, and import trekeys into it.
 
     Importing trekeys is about half a second of every runbook's first cell, so
     doing it here moves that time into the background too. The import runs
@@ -163,7 +163,7 @@ def manager_class_for(manager: AsyncKernelManager) -> type[AsyncKernelManager]:
 def kill_kernel(manager: Any) -> None:
     """Kill a kernel's process group, which also stops tools a cell started."""
     # jupyter_client starts each kernel in a session of its own, so its process
-    # group holds the kernel and its children but never this process.
+    # group contains the kernel and its children but never this process.
     provisioner = getattr(manager, "provisioner", None)
     pid = getattr(provisioner, "pid", None)
     if not pid:
