@@ -269,6 +269,45 @@ def test_kernel_death_reported(bare_lab: Lab, books: Path, tmp_path: Path):
     assert error_cells(run.folder / "crash.ipynb")
 
 
+def test_each_drill_gets_fresh_kernel(bare_lab: Lab, tmp_path: Path):
+    books = tmp_path / "fresh"
+    for name in ("10-first", "20-second"):
+        write_notebook(
+            books,
+            name,
+            "import os\nprint('pid', os.getpid())\n"
+            "print('leftover' in globals())\nleftover = 1",
+        )
+
+    run = run_drills(bare_lab.root, tmp_path / "reports", notebooks_folder=books)
+
+    assert run.passed
+    outputs = []
+    for name in ("first", "second"):
+        cell = nbformat.read(run.folder / f"{name}.ipynb", as_version=4).cells[-1]
+        outputs.append(cell.outputs[0]["text"].split())
+    assert outputs[0][1] != outputs[1][1]  # different kernel processes
+    assert outputs[0][2] == "False"
+    assert outputs[1][2] == "False"  # nothing left over from the first drill
+
+
+def test_timeout_spares_next_drill(bare_lab: Lab, books: Path, tmp_path: Path):
+    # The next drill's kernel is already starting when the slow one is killed.
+    run = run_drills(
+        bare_lab.root,
+        tmp_path / "reports",
+        names=["ok", "slow", "raises"],
+        timeout=2.5,
+        notebooks_folder=books,
+    )
+
+    results = {d.name: d for d in run.drills}
+    assert results["ok"].outcome == PASSED
+    assert results["slow"].outcome == TIMED_OUT
+    assert results["raises"].outcome == "failed"
+    assert "step 2 broke" in results["raises"].error
+
+
 def test_runs_never_overwrite(bare_lab: Lab, books: Path, tmp_path: Path):
     out = tmp_path / "reports"
     first = run_drills(bare_lab.root, out, names=["ok"], notebooks_folder=books)
@@ -368,6 +407,23 @@ def test_signing_key_lists_each_signed_run(bare_lab: Lab, books: Path, tmp_path:
     assert f"report:{second.folder.name}" in record.signs
     manifest = json.loads((second.folder / "manifest.json").read_text())
     assert manifest["signing_key"]["fingerprint"] == record.fingerprint
+
+
+def test_unopenable_vault_fails_run(bare_lab: Lab, tmp_path: Path):
+    books = tmp_path / "away"
+    keyfile = bare_lab.keyfile_path
+    write_notebook(
+        books, "10-hide-keyfile", f"import os\nos.rename('{keyfile}', '{keyfile}.away')"
+    )
+
+    run = run_drills(bare_lab.root, tmp_path / "reports", notebooks_folder=books)
+
+    assert run.drills[0].outcome == PASSED
+    assert not run.passed
+    assert "neither scanned for secrets nor signed" in run.errors[0]
+    summary = read_summary(run.folder)
+    assert summary["passed"] is False
+    assert not (run.folder / "manifest.json").exists()
 
 
 # The command line.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,12 +28,19 @@ from typing import Any
 
 import nbformat
 
+from trekeys import approvals
 from trekeys.audit import AuditLog
 from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
+from trekeys.kernels import (
+    KERNEL_NAME,
+    KernelStarter,
+    kill_kernel,
+    manager_class_for,
+)
 from trekeys.lab import Lab
 from trekeys.records import utcnow
-from trekeys.runbook import CHECKS_FILE_ENV
+from trekeys.runbook import CHECKS_FILE_ENV, PROOFS_FILE_ENV
 from trekeys.vault import audit_log_path
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,9 @@ class DrillResult:
         audit_range: the first and last audit log sequence numbers the drill wrote.
         keys_touched: id, fingerprint, algorithm and operations of each key the
             drill used, from the audit log; never material.
+        runbook: the notebook's SHA-256, git commit and approval status.
+        recovery_proofs: the keys the drill proved recoverable; each is
+            written to its key record only if the drill passed.
     """
 
     name: str
@@ -76,6 +85,8 @@ class DrillResult:
     checks: list[dict[str, Any]] = field(default_factory=list)
     audit_range: list[int] = field(default_factory=list)
     keys_touched: list[dict[str, Any]] = field(default_factory=list)
+    runbook: dict[str, Any] = field(default_factory=dict)
+    recovery_proofs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +201,7 @@ def run_drills(
     notebooks_folder: Path | None = None,
     on_start: Callable[[str], None] | None = None,
     on_finish: Callable[[DrillResult], None] | None = None,
+    require_approved: bool = False,
 ) -> RunResult:
     """Run the chosen runbooks against a lab and write their reports.
 
@@ -203,33 +215,67 @@ def run_drills(
         notebooks_folder: where the runbooks are; `notebooks_dir()` by default.
         on_start: called with each drill name before it runs.
         on_finish: called with each result after it ran.
+        require_approved: reject runbooks that are not in their approved
+            version (see `trekeys.approvals`) before anything runs.
 
     Raises:
         LabError: `lab_dir` is missing or not a lab.
-        DrillError: a name or parameter is invalid, or the reports folder is
-            not writable. Nothing has run when these are raised.
+        DrillError: a name or parameter is invalid, a runbook is not approved
+            while `require_approved` is set, or the reports folder is not
+            writable. Nothing has run when these are raised.
     """
     from trekeys import reports
 
     lab = Lab.load(lab_dir)
     chosen = select_notebooks(names, notebooks_folder)
     per_drill = parameters_for_drills(chosen, dict(parameters or {}))
+    pins = approvals.pin_runbooks(chosen)
+    if require_approved:
+        approvals.require_approved(pins)
     if timeout <= 0:
         raise DrillError(f"timeout {timeout} is invalid; give a positive number.")
     folder = new_run_folder(Path(out_root).absolute())
 
     run = RunResult(folder, [], started=utcnow().isoformat())
-    for name, path in chosen.items():
-        if on_start is not None:
-            on_start(name)
-        params = {**per_drill[name], "lab_dir": str(lab.root)}
-        result = run_notebook(name, path, folder, params, timeout, lab=lab)
-        run.drills.append(result)
-        if on_finish is not None:
-            on_finish(result)
+    plan = list(chosen.items())
+    warm_up = reports.start_html_warm_up()
+    starter = KernelStarter()
+    try:
+        starter.start_next(drill_environment(folder, plan[0][0]), folder)
+        for number, (name, path) in enumerate(plan):
+            if on_start is not None:
+                on_start(name)
+            kernel = starter.take()
+            if number + 1 < len(plan):
+                # The next drill's kernel boots while this drill runs.
+                next_name = plan[number + 1][0]
+                starter.start_next(drill_environment(folder, next_name), folder)
+            params = {**per_drill[name], "lab_dir": str(lab.root)}
+            try:
+                result = run_notebook(
+                    name, path, folder, params, timeout, lab=lab, kernel=kernel
+                )
+            finally:
+                starter.shutdown(kernel)
+            result.runbook = pins[name].to_dict()
+            run.drills.append(result)
+            if on_finish is not None:
+                on_finish(result)
+    finally:
+        starter.close()
 
+    warm_up.join()
     reports.finish_run(run, lab, Path(out_root))
     return run
+
+
+def drill_environment(folder: Path, name: str) -> dict[str, str]:
+    """Return the environment of a drill's kernel: ours plus its evidence files."""
+    return {
+        **os.environ,
+        CHECKS_FILE_ENV: str(folder / f"{name}.checks.jsonl"),
+        PROOFS_FILE_ENV: str(folder / f"{name}.proofs.jsonl"),
+    }
 
 
 def run_notebook(
@@ -240,25 +286,41 @@ def run_notebook(
     timeout: float,
     *,
     lab: Lab | None = None,
+    kernel: Any = None,
 ) -> DrillResult:
-    """Execute one notebook with papermill into `folder` and judge its outcome."""
+    """Execute one notebook with papermill into `folder` and judge its outcome.
+
+    Args:
+        kernel: a started kernel manager whose kernel has the environment of
+            `drill_environment`; when None, one is started and shut down here.
+    """
     result = DrillResult(name, path.name, parameters, utcnow().isoformat())
     output = folder / f"{name}.ipynb"
-    checks_file = folder / f"{name}.checks.jsonl"
+    environment = drill_environment(folder, name)
+    checks_file = Path(environment[CHECKS_FILE_ENV])
+    proofs_file = Path(environment[PROOFS_FILE_ENV])
     audit = AuditLog(audit_log_path(lab.vault_path)) if lab else None
     first_seq = audit.tail()[0] + 1 if audit else 0
 
     started = time.monotonic()
-    previous = os.environ.get(CHECKS_FILE_ENV)
-    os.environ[CHECKS_FILE_ENV] = str(checks_file)
+    own_starter = KernelStarter() if kernel is None else None
+    if own_starter is not None:
+        own_starter.start_next(environment, folder)
+        kernel = own_starter.take()
     try:
-        result.outcome, result.error = _execute(path, output, parameters, timeout)
+        result.outcome, result.error = _execute(
+            path, output, parameters, timeout, kernel
+        )
     finally:
-        _restore_env(CHECKS_FILE_ENV, previous)
+        if own_starter is not None:
+            own_starter.shutdown(kernel)
+            own_starter.close()
 
     result.ended = utcnow().isoformat()
-    result.checks = _read_checks(checks_file)
+    result.checks = _read_json_lines(checks_file)
+    result.recovery_proofs = _read_json_lines(proofs_file)
     checks_file.unlink(missing_ok=True)
+    proofs_file.unlink(missing_ok=True)
     if audit is not None:
         result.audit_range = [first_seq, audit.tail()[0]]
     _judge_outputs(result, output)
@@ -269,31 +331,19 @@ def run_notebook(
 
 
 def _execute(
-    path: Path, output: Path, parameters: dict[str, Any], timeout: float
+    path: Path, output: Path, parameters: dict[str, Any], timeout: float, kernel: Any
 ) -> tuple[str, str]:
-    """Run papermill with a watchdog that kills the kernel after `timeout` seconds."""
+    """Run papermill on `kernel`, with a watchdog that kills it after `timeout` s."""
     import papermill
-    from jupyter_client.manager import AsyncKernelManager
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
-
-    managers: list[AsyncKernelManager] = []
-
-    class TrackedKernelManager(AsyncKernelManager):
-        """A kernel manager that the watchdog below can find and stop."""
-
-        def __init__(self, **kwargs: Any) -> None:
-            # IPC sockets in the runtime folder: no TCP port opens at all.
-            kwargs.setdefault("transport", "ipc")
-            super().__init__(**kwargs)
-            managers.append(self)
 
     stopped = threading.Event()
 
     def stop_kernel() -> None:
         stopped.set()
-        for manager in managers:
-            _kill_kernel(manager)
+        logger.warning("stopping the kernel of %s: it timed out", path.name)
+        kill_kernel(kernel)
 
     watchdog = threading.Timer(timeout, stop_kernel)
     watchdog.daemon = True
@@ -303,11 +353,11 @@ def _execute(
             str(path),
             str(output),
             parameters=parameters,
-            kernel_name="python3",
+            kernel_name=KERNEL_NAME,
             execution_timeout=int(timeout) + 1,
             progress_bar=False,
             cwd=str(output.parent),
-            kernel_manager_class=TrackedKernelManager,
+            kernel_manager_class=manager_class_for(kernel),
         )
     except PapermillExecutionError as exc:
         return FAILED, f"{exc.ename}: {_last_line(exc.evalue)}"
@@ -325,20 +375,6 @@ def _execute(
     finally:
         watchdog.cancel()
     return PASSED, ""
-
-
-def _kill_kernel(manager: Any) -> None:
-    # The kernel runs in its own session (jupyter_client starts it that way), so
-    # killing its process group also stops the tools a cell started.
-    provisioner = getattr(manager, "provisioner", None)
-    pid = getattr(provisioner, "pid", None)
-    if not pid:
-        return
-    logger.warning("stopping kernel process %d: the drill timed out", pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _mark_stopped_cell(output: Path, ename: str, message: str) -> None:
@@ -404,14 +440,7 @@ def _last_line(text: str | None) -> str:
     return lines[-1][:500] if lines else ""
 
 
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-def _read_checks(path: Path) -> list[dict[str, Any]]:
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     import json
 
     if not path.exists():

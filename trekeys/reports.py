@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,7 @@ def finish_run(run: RunResult, lab: Lab, out_root: Path) -> None:
         _write_reports(run, lab, vault)
         write_summary(run)
         _scan_for_secrets(run, lab, vault)
+        _record_recovery_proofs(run, vault)
         write_summary(run)
         signing.sign_run_folder(run.folder, vault)
     write_index(out_root)
@@ -93,11 +95,19 @@ def add_evidence_cell(path: Path, result: DrillResult, evidence: dict[str, Any])
     """Insert a markdown cell with the drill's evidence at the top of a notebook."""
     rows = [
         ("drill", result.name),
-        ("outcome", result.outcome + (f": {result.error}" if result.error else "")),
+        (
+            "notebook outcome (before the secret scan, see summary.json)",
+            result.outcome + (f": {result.error}" if result.error else ""),
+        ),
         ("started", result.started),
         ("ended", result.ended),
         *[(name, str(value)) for name, value in evidence.items()],
         ("parameters", json.dumps(result.parameters, sort_keys=True)),
+        *_runbook_rows(result.runbook),
+        (
+            "recovery proofs claimed",
+            ", ".join(p["key_id"] for p in result.recovery_proofs) or "none",
+        ),
     ]
     lines = ["## Drill evidence", "", "| item | value |", "|---|---|"]
     lines += [f"| {name} | {_cell_text(value)} |" for name, value in rows]
@@ -109,12 +119,36 @@ def add_evidence_cell(path: Path, result: DrillResult, evidence: dict[str, Any])
         lines.append("| " + " | ".join(_cell_text(v) for v in values) + " |")
     if not result.keys_touched:
         lines.append("| (none) | | | | |")
+    if result.runbook.get("changes"):
+        lines += ["", "**Changes since the approved version of this runbook**", ""]
+        lines += ["```diff", result.runbook["changes"].rstrip("\n"), "```"]
 
     notebook = nbformat.read(path, as_version=4)
     cell = nbformat.v4.new_markdown_cell("\n".join(lines))
     cell.metadata["tags"] = ["trekeys-evidence"]
     notebook.cells.insert(0, cell)
     _write_notebook(notebook, path)
+
+
+def _runbook_rows(pin: dict[str, Any]) -> list[tuple[str, str]]:
+    if not pin:
+        return []
+    commit = pin["git_commit"] or "not in git"
+    if pin["uncommitted"]:
+        commit += " plus uncommitted changes"
+    approval = pin["status"]
+    if pin["approved_by"]:
+        approval += (
+            f" (approved by {pin['approved_by']} on {pin['approved_at']}, "
+            f"sha256 {pin['approved_sha256']}, commit {pin['approved_commit']})"
+        )
+    if pin["status"] != "approved":
+        approval = f"**{approval.upper()}**"
+    return [
+        ("runbook sha256", pin["sha256"]),
+        ("runbook git commit", commit),
+        ("runbook approval", approval),
+    ]
 
 
 def _cell_text(value: Any) -> str:
@@ -134,6 +168,20 @@ def _html_exporter() -> Any:
     from nbconvert import HTMLExporter
 
     return HTMLExporter()
+
+
+def start_html_warm_up() -> threading.Thread:
+    """Load nbconvert and its templates in the background, while drills run."""
+
+    def warm_up() -> None:
+        try:
+            _html_exporter().from_notebook_node(nbformat.v4.new_notebook())
+        except Exception as exc:  # the real rendering reports any problem
+            logger.debug("HTML warm-up failed: %s", exc)
+
+    thread = threading.Thread(target=warm_up, name="html-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def render_html(path: Path) -> Path:
@@ -163,6 +211,29 @@ def _scan_for_secrets(run: RunResult, lab: Lab, vault: Any) -> None:
         if drill is not None:
             drill.outcome = "failed"
             drill.error = f"key material in the report: {finding.describe()}"
+
+
+def _record_recovery_proofs(run: RunResult, vault: Any) -> None:
+    """Write the recovery proofs of the drills that passed to their key records."""
+    for drill in run.drills:
+        for proof in drill.recovery_proofs:
+            proof["recorded"] = False
+            if drill.outcome != "passed":
+                proof["note"] = "not recorded: the drill did not pass"
+                continue
+            report = f"{run.folder.name}/{drill.name}.ipynb"
+            try:
+                runbook.write_recovery_proof(
+                    vault, proof["key_id"], report, proof["at"], proof["detail"]
+                )
+            except TrekeysError as exc:
+                proof["note"] = f"not recorded: {exc}"
+                logger.warning(
+                    "recovery proof of %s not recorded: %s", proof["key_id"], exc
+                )
+                continue
+            proof["recorded"] = True
+            proof["report"] = report
 
 
 def write_summary(run: RunResult) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 from trekeys import __version__
 from trekeys.audit import Actor
 from trekeys.custody import combine_shares, prompt_shares
-from trekeys.errors import DrillError
+from trekeys.errors import DrillError, RecordError
 from trekeys.lab import Lab
 from trekeys.records import utcnow
 from trekeys.vault import Vault, VaultCredentials
@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 # The drill runner sets this to a file where each check is appended as a JSON line.
 CHECKS_FILE_ENV = "TREKEYS_CHECKS_FILE"
+
+# The drill runner sets this to a file where each recovery proof a runbook
+# claims is queued as a JSON line, to be written only if the drill passes.
+PROOFS_FILE_ENV = "TREKEYS_PROOFS_FILE"
+
+# Key record attributes of the last recovery proof; the inventory flags a
+# proof older than a year.
+PROOF_ATTRIBUTE = "last_recovery_proof"
+PROOF_REPORT_ATTRIBUTE = "last_recovery_report"
 
 # Columns of the table of keys a runbook touched.
 KEY_COLUMNS = ["key", "fingerprint", "algorithm", "state", "operations"]
@@ -287,3 +296,52 @@ def show_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     display(Markdown("\n".join(lines)))
+
+
+def record_recovery_proof(vault: Vault, key_id: str, detail: str = "") -> str:
+    """Record that this runbook proved `key_id` recoverable.
+
+    Under the drill runner the proof is queued and written to the key record
+    only if the whole drill passes, naming the report; in an interactive run
+    it is written at once, naming the person who ran it.
+
+    Returns:
+        A sentence on where the proof went, for the runbook to show.
+
+    Raises:
+        RecordNotFoundError: no key has that id.
+        RecordError: the key was destroyed.
+    """
+    record = vault.get(key_id)
+    if record.is_tombstone:
+        raise RecordError(
+            f"key {key_id} was destroyed, so it cannot be proven recoverable; "
+            "check the key id."
+        )
+
+    now = utcnow().isoformat()
+    target = os.environ.get(PROOFS_FILE_ENV)
+    if target:
+        line = {"key_id": key_id, "at": now, "detail": detail}
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        return f"recovery proof of {key_id} queued; it is recorded if the drill passes"
+
+    report = f"interactive run by {vault.actor.name} ({vault.actor.role})"
+    write_recovery_proof(vault, key_id, report, now, detail)
+    return f"recovery proof of {key_id} recorded: {report}"
+
+
+def write_recovery_proof(
+    vault: Vault, key_id: str, report: str, at: str, detail: str = ""
+) -> None:
+    """Store a recovery proof in the key record and the audit log."""
+    record = vault.get(key_id)
+    record.attributes[PROOF_ATTRIBUTE] = at
+    record.attributes[PROOF_REPORT_ATTRIBUTE] = report
+    vault.update(
+        record,
+        operation="recovery-proof",
+        detail=f"{report}" + (f": {detail}" if detail else ""),
+    )
+    logger.info("key %s proven recoverable by %s", key_id, report)

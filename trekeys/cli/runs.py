@@ -7,12 +7,14 @@ from pathlib import Path
 
 import click
 
+from trekeys.approvals import approve_runbooks, describe_pins, pin_runbooks
 from trekeys.drillparams import parse_parameter_options
 from trekeys.drills import (
     DEFAULT_TIMEOUT_SECONDS,
     DrillResult,
     discover_notebooks,
     run_drills,
+    select_notebooks,
 )
 from trekeys.reports import INDEX, prune_runs
 from trekeys.signing import verify_run_folder
@@ -21,6 +23,7 @@ from trekeys.signing import verify_run_folder
 def register(main: click.Group) -> None:
     main.add_command(drill)
     main.add_command(report)
+    main.add_command(runbook)
 
 
 @click.command()
@@ -56,8 +59,15 @@ def register(main: click.Group) -> None:
     show_default=True,
     help="Seconds a whole notebook may run before the drill is stopped.",
 )
+@click.option(
+    "--require-approved",
+    is_flag=True,
+    help="Reject any chosen runbook that is not in its approved version.",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the drills and exit.")
-def drill(names, lab_dir, out_dir, param_options, timeout, list_only) -> None:
+def drill(
+    names, lab_dir, out_dir, param_options, timeout, require_approved, list_only
+) -> None:
     """Run the named drills (all by default) and write reports; exit 1 if any fails."""
     if list_only:
         for name in discover_notebooks():
@@ -89,12 +99,16 @@ def drill(names, lab_dir, out_dir, param_options, timeout, list_only) -> None:
             timeout=timeout,
             on_start=on_start,
             on_finish=on_finish,
+            require_approved=require_approved,
         )
     finally:
         for bar in bars:
             bar.close()
 
     for result in run.drills:
+        if result.runbook.get("status", "approved") != "approved":
+            status = result.runbook["status"]
+            click.echo(f"warning: {result.notebook} is {status}", err=True)
         line = f"{result.outcome:11} {result.name}"
         click.echo(line + (f": {result.error}" if result.error else ""))
     for error in run.errors:
@@ -150,7 +164,40 @@ def verify(run_folder: Path, fingerprint: str | None) -> None:
 def prune(out_dir: Path, keep: int, dry_run: bool) -> None:
     """Remove old run folders, always keeping each drill's latest passing run."""
     removed = prune_runs(out_dir, keep, dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
     for folder in removed:
-        click.echo(f"{verb} {folder}")
+        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+    verb = "would be removed" if dry_run else "removed"
     click.echo(f"{len(removed)} run folder(s) {verb}")
+
+
+@click.group()
+def runbook() -> None:
+    """Approve runbook versions and show which ones changed since approval."""
+
+
+@runbook.command("status")
+@click.argument("names", nargs=-1)
+def status(names: tuple[str, ...]) -> None:
+    """Show each runbook's SHA-256, git commit and approval status."""
+    pins = pin_runbooks(select_notebooks(names or None))
+    for line in describe_pins(list(pins.values())):
+        click.echo(line)
+
+
+@runbook.command("approve")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--by", "approved_by", required=True, help="Name of the approver.")
+@click.option(
+    "--role",
+    default="Information Security Manager",
+    show_default=True,
+    help="The approver's role in the key management policy.",
+)
+def approve(names: tuple[str, ...], approved_by: str, role: str) -> None:
+    """Record the committed version of the named runbooks as approved."""
+    rows = approve_runbooks(select_notebooks(names), approved_by, role)
+    for row in rows:
+        click.echo(
+            f"approved {row['notebook']} sha256 {row['sha256']} "
+            f"commit {row['git_commit'] or '(not in git)'}"
+        )
