@@ -478,12 +478,30 @@ def test_cli_report_verify(bare_lab: Lab, books: Path, tmp_path: Path):
         bare_lab.root, tmp_path / "reports", names=["ok"], notebooks_folder=books
     )
     cli = CliRunner()
-    good = cli.invoke(main, ["report", "verify", str(run.folder)])
+    trusted = ["--lab", str(bare_lab.root)]
+    good = cli.invoke(main, ["report", "verify", str(run.folder), *trusted])
     assert good.exit_code == 0, good.output
     assert "3 files match the manifest" in good.output
 
     notebook = run.folder / "ok.ipynb"
     notebook.write_bytes(notebook.read_bytes().replace(b"count", b"cOunt", 1))
-    bad = cli.invoke(main, ["report", "verify", str(run.folder)])
+    bad = cli.invoke(main, ["report", "verify", str(run.folder), *trusted])
     assert bad.exit_code == 1
     assert "ok.ipynb was edited" in bad.output
+
+
+def test_cli_report_verify_needs_trusted_key(bare_lab: Lab, books: Path, tmp_path):
+    run = run_drills(
+        bare_lab.root, tmp_path / "reports", names=["ok"], notebooks_folder=books
+    )
+    cli = CliRunner()
+
+    untrusted = cli.invoke(main, ["report", "verify", str(run.folder)])
+    prefix = cli.invoke(
+        main, ["report", "verify", str(run.folder), "--fingerprint", "3d1c90ca"]
+    )
+
+    assert untrusted.exit_code == 2
+    assert "give --fingerprint or --lab" in untrusted.output
+    assert prefix.exit_code == 2
+    assert "full fingerprint of 64 hex digits" in prefix.output

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from trekeys.approvals import approve_runbooks, describe_pins, pin_runbooks
+from trekeys.cli.common import open_lab_vault, share_option
 from trekeys.drillparams import parse_parameter_options
 from trekeys.drills import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -17,7 +18,7 @@ from trekeys.drills import (
     select_notebooks,
 )
 from trekeys.reports import INDEX, prune_runs
-from trekeys.signing import verify_run_folder
+from trekeys.signing import SIGNING_KEY_ID, verify_run_folder
 
 
 def register(main: click.Group) -> None:
@@ -127,21 +128,47 @@ def report() -> None:
 @click.argument("run_folder", type=click.Path(path_type=Path))
 @click.option(
     "--fingerprint",
-    help="SHA-256 fingerprint of the trusted report-signing key (from the "
-    "inventory); without it, the key named in the manifest is trusted.",
+    help="Full SHA-256 fingerprint (64 hex digits) of the trusted report-signing "
+    "key, as 'trekeys key show tre/report-signing' prints it.",
 )
-def verify(run_folder: Path, fingerprint: str | None) -> None:
-    """Check the signed manifest of RUN_FOLDER and every report's SHA-256."""
+@click.option(
+    "--lab",
+    "lab_dir",
+    type=click.Path(path_type=Path),
+    help="Take the trusted report-signing key from this TRE's vault instead.",
+)
+@share_option
+def verify(
+    run_folder: Path,
+    fingerprint: str | None,
+    lab_dir: Path | None,
+    share_files: tuple[Path, ...],
+) -> None:
+    """Check the signed manifest of RUN_FOLDER and every report's SHA-256.
+
+    The signing key must match a trusted one, given with --fingerprint or read
+    from the vault with --lab; a manifest can otherwise name any key.
+    """
+    if fingerprint is None and lab_dir is None:
+        raise click.UsageError(
+            "give --fingerprint or --lab, so that the manifest's signing key is "
+            "checked against a key you trust."
+        )
+    if fingerprint is not None and len(fingerprint) != 64:
+        raise click.BadParameter(
+            "give the full fingerprint of 64 hex digits, not a prefix.",
+            param_hint="--fingerprint",
+        )
+    if lab_dir is not None:
+        _, vault = open_lab_vault(lab_dir, share_files)
+        with vault:
+            fingerprint = vault.get(SIGNING_KEY_ID).fingerprint
+
     result = verify_run_folder(run_folder, fingerprint=fingerprint)
     click.echo(
         f"{run_folder}: {result.files_checked} files match the manifest signed by "
-        f"report-signing key {result.fingerprint}"
+        f"the trusted report-signing key {result.fingerprint}"
     )
-    if fingerprint is None:
-        click.echo(
-            "Compare that fingerprint with tre/report-signing in the inventory, "
-            "or pass --fingerprint."
-        )
 
 
 @report.command("prune")
