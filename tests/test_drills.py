@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from trekeys.cli import main
+from trekeys.custody import read_share_file
 from trekeys.drills import KERNEL_DIED, PASSED, TIMED_OUT, run_drills
 from trekeys.errors import DrillError, IntegrityError, LabError
 from trekeys.lab import Lab
@@ -59,8 +60,8 @@ def books(tmp_path: Path) -> Path:
         folder,
         "50-leak",
         "from trekeys.lab import Lab\n"
-        "vault = Lab.load(lab_dir).open_vault(read_only=True)\n"
-        f"print(vault.read_secret('{SIGNING_KEY_ID}', 'test').hex())",
+        "with Lab.load(lab_dir).open_vault() as vault:\n"
+        f"    print(vault.read_secret('{SIGNING_KEY_ID}', 'test').hex())",
     )
     return folder
 
@@ -341,6 +342,32 @@ def test_leaked_key_fails_run_naming_cell(bare_lab: Lab, books: Path, tmp_path: 
     assert located["leak.ipynb"] == "cell 3 (In [3])"
     assert located["leak.html"] == "cell 3"
     assert "key material in the report" in run.drills[0].error
+
+    with bare_lab.open_vault() as vault:
+        material = vault.read_secret(SIGNING_KEY_ID, "test").hex().encode()
+    for name in ("leak.ipynb", "leak.html"):
+        content = (run.folder / name).read_bytes()
+        assert material not in content
+        assert b"withheld by trekeys" in content
+    assert verify_run_folder(run.folder).files_checked == 3
+
+
+def test_secret_parameter_rejected_before_running(
+    bare_lab: Lab, books: Path, tmp_path: Path
+):
+    words = read_share_file(bare_lab.share_files()[0])
+    out = tmp_path / "reports"
+
+    with pytest.raises(DrillError, match="parameter label of drill ok holds key"):
+        run_drills(
+            bare_lab.root,
+            out,
+            names=["ok"],
+            parameters={"label": words},
+            notebooks_folder=books,
+        )
+
+    assert not out.exists()
 
 
 def test_manifest_verifies_and_names_edited_file(

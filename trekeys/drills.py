@@ -28,7 +28,7 @@ from typing import Any
 
 import nbformat
 
-from trekeys import approvals
+from trekeys import approvals, runbook, secretscan
 from trekeys.audit import AuditLog
 from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
@@ -191,6 +191,37 @@ def new_run_folder(out_root: Path) -> Path:
     )
 
 
+def reject_secret_parameters(
+    lab: Lab, per_drill: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Raise before anything runs when a parameter value holds key material.
+
+    papermill writes parameters into the executed notebook, so a secret given
+    as a parameter would end up in the report.
+
+    Raises:
+        DrillError: naming the parameter, never its value.
+    """
+    values = {
+        (drill, name): value
+        for drill, params in per_drill.items()
+        for name, value in params.items()
+        if isinstance(value, str) and len(value) >= secretscan.MIN_NEEDLE_LENGTH
+    }
+    if not values:
+        return
+
+    with runbook.open_vault(lab) as vault:
+        secrets = secretscan.collect_secrets(lab, vault)
+    for (drill, name), value in values.items():
+        if secretscan.secrets_in_text(value, secrets):
+            raise DrillError(
+                f"parameter {name} of drill {drill} holds key material; pass "
+                "secrets in a file or an environment variable and give its name "
+                "as the parameter."
+            )
+
+
 def run_drills(
     lab_dir: Path,
     out_root: Path,
@@ -234,6 +265,7 @@ def run_drills(
         approvals.require_approved(pins)
     if timeout <= 0:
         raise DrillError(f"timeout {timeout} is invalid; give a positive number.")
+    reject_secret_parameters(lab, per_drill)
     folder = new_run_folder(Path(out_root).absolute())
 
     run = RunResult(folder, [], started=utcnow().isoformat())

@@ -70,9 +70,10 @@ def finish_run(run: RunResult, lab: Lab, out_root: Path) -> None:
     with vault:
         _write_reports(run, lab, vault)
         write_summary(run)
-        _scan_for_secrets(run, lab, vault)
+        secrets = _scan_for_secrets(run, lab, vault)
         _record_recovery_proofs(run, vault)
         write_summary(run)
+        _withhold_leaking_files(run, secrets)
         signing.sign_run_folder(run.folder, vault)
     write_index(out_root)
 
@@ -194,7 +195,7 @@ def render_html(path: Path) -> Path:
     return target
 
 
-def _scan_for_secrets(run: RunResult, lab: Lab, vault: Any) -> None:
+def _scan_for_secrets(run: RunResult, lab: Lab, vault: Any) -> list[secretscan.Secret]:
     secrets = secretscan.collect_secrets(lab, vault)
     findings = secretscan.scan_folder(run.folder, secrets)
     run.secret_scan = {
@@ -211,6 +212,24 @@ def _scan_for_secrets(run: RunResult, lab: Lab, vault: Any) -> None:
         if drill is not None:
             drill.outcome = "failed"
             drill.error = f"key material in the report: {finding.describe()}"
+    return secrets
+
+
+def _withhold_leaking_files(run: RunResult, secrets: list[secretscan.Secret]) -> None:
+    """Replace every report file that still contains key material with a notice.
+
+    The run has already failed and names each finding; the files themselves
+    must not keep the material, so they are withheld before signing.
+    """
+    for _ in range(2):
+        findings = secretscan.scan_folder(run.folder, secrets)
+        if not findings:
+            return
+        for path in sorted({run.folder / f.file for f in findings}):
+            labels = ", ".join(
+                sorted({f.secret for f in findings if run.folder / f.file == path})
+            )
+            secretscan.withhold_file(path, f"it contained key material ({labels})")
 
 
 def _record_recovery_proofs(run: RunResult, vault: Any) -> None:

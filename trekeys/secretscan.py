@@ -218,6 +218,46 @@ def _contains(text: str, needle: bytes, compact_needle: bytes) -> bool:
     return compact_needle in _WHITESPACE.sub(b"", strings)
 
 
+def secrets_in_text(text: str, secrets: list[Secret]) -> list[str]:
+    """Return the labels of the secrets that occur in `text`, in any form."""
+    data = text.encode("utf-8")
+    compact = _WHITESPACE.sub(b"", data)
+    return [
+        secret.label
+        for secret in secrets
+        if any(
+            needle in data or _WHITESPACE.sub(b"", needle) in compact
+            for needle in secret.needles.values()
+        )
+    ]
+
+
+def withhold_file(path: Path, reason: str) -> None:
+    """Replace a report file that contains key material with a notice.
+
+    The notice keeps the file's name and format, so the index and the signed
+    manifest still list it, but none of its content survives.
+    """
+    notice = f"This report was withheld by trekeys: {reason}"
+    if path.suffix == ".ipynb":
+        body = json.dumps(
+            {
+                "cells": [{"cell_type": "markdown", "metadata": {}, "source": notice}],
+                "metadata": {},
+                "nbformat": 4,
+                "nbformat_minor": 5,
+            }
+        )
+    elif path.suffix == ".html":
+        body = f"<!doctype html><html><body><p>{html.escape(notice)}</p></body></html>"
+    else:
+        body = json.dumps({"withheld": notice})
+    tmp = path.with_name(f".{path.name}.withheld")
+    tmp.write_text(body + "\n", encoding="utf-8")
+    tmp.replace(path)
+    logger.error("withheld report file %s: %s", path, reason)
+
+
 def findings_as_dicts(findings: list[Finding]) -> list[dict[str, str]]:
     """Return findings as JSON-ready dictionaries."""
     return [asdict(f) for f in findings]
