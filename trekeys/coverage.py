@@ -58,7 +58,12 @@ class CoverageRow:
 
 
 def record_recovery_proof(
-    vault: Vault, key_id: str, report: str, *, at: datetime | None = None
+    vault: Vault,
+    key_id: str,
+    report: str,
+    *,
+    at: datetime | None = None,
+    detail: str = "",
 ) -> KeyRecord:
     """Record that `report` proved `key_id` recoverable at `at` (now by default)."""
     record = vault.get(key_id)
@@ -69,7 +74,12 @@ def record_recovery_proof(
         )
     record.attributes[PROOF_ATTRIBUTE] = (at or utcnow()).isoformat()
     record.attributes[REPORT_ATTRIBUTE] = report
-    vault.update(record, operation="recovery-proof", detail=report)
+    vault.update(
+        record,
+        operation="recovery-proof",
+        detail=report + (f": {detail}" if detail else ""),
+    )
+    logger.info("key %s proven recoverable by %s", key_id, report)
     return record
 
 

@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from trekeys import __version__
+from trekeys import __version__, coverage
 from trekeys.audit import Actor
 from trekeys.custody import combine_shares, prompt_shares
 from trekeys.errors import DrillError, RecordError
@@ -40,8 +41,8 @@ PROOFS_FILE_ENV = "TREKEYS_PROOFS_FILE"
 
 # Key record attributes of the last recovery proof; the inventory flags a
 # proof older than a year.
-PROOF_ATTRIBUTE = "last_recovery_proof"
-PROOF_REPORT_ATTRIBUTE = "last_recovery_report"
+PROOF_ATTRIBUTE = coverage.PROOF_ATTRIBUTE
+PROOF_REPORT_ATTRIBUTE = coverage.REPORT_ATTRIBUTE
 
 # Columns of the table of keys a runbook touched.
 KEY_COLUMNS = ["key", "fingerprint", "algorithm", "state", "operations"]
@@ -336,12 +337,6 @@ def write_recovery_proof(
     vault: Vault, key_id: str, report: str, at: str, detail: str = ""
 ) -> None:
     """Store a recovery proof in the key record and the audit log."""
-    record = vault.get(key_id)
-    record.attributes[PROOF_ATTRIBUTE] = at
-    record.attributes[PROOF_REPORT_ATTRIBUTE] = report
-    vault.update(
-        record,
-        operation="recovery-proof",
-        detail=f"{report}" + (f": {detail}" if detail else ""),
+    coverage.record_recovery_proof(
+        vault, key_id, report, at=datetime.fromisoformat(at), detail=detail
     )
-    logger.info("key %s proven recoverable by %s", key_id, report)
