@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from trekeys.errors import DrillError
 from trekeys.reports import prune_runs, write_index
+
+# These tests are about the count; the retention period is tested apart.
+NONE = timedelta(0)
 
 
 def make_run(out: Path, folder: str, outcomes: dict[str, str]) -> Path:
@@ -41,7 +45,7 @@ def folders(out: Path) -> list[str]:
 
 
 def test_prune_keeps_newest_and_last_passes(history: Path):
-    removed = prune_runs(history, 2)
+    removed = prune_runs(history, 2, retention=NONE)
 
     assert sorted(p.name for p in removed) == ["2026-11-09T030000Z"]
     assert folders(history) == [
@@ -55,13 +59,13 @@ def test_prune_keeps_newest_and_last_passes(history: Path):
 
 def test_prune_dry_run_removes_nothing(history: Path):
     before = folders(history)
-    removed = prune_runs(history, 1, dry_run=True)
+    removed = prune_runs(history, 1, dry_run=True, retention=NONE)
     assert [p.name for p in removed] == ["2026-11-23T030000Z", "2026-11-09T030000Z"]
     assert folders(history) == before
 
 
 def test_prune_rewrites_index(history: Path):
-    prune_runs(history, 1)
+    prune_runs(history, 1, retention=NONE)
     index = (history / "index.html").read_text()
     assert "2026-11-30T030000Z" in index
     assert "2026-11-09T030000Z" not in index
@@ -84,3 +88,12 @@ def test_index_lists_newest_first(history: Path):
     index = write_index(history).read_text()
     positions = [index.index(name) for name in sorted(folders(history)[:-1])]
     assert positions == sorted(positions, reverse=True)
+
+
+def test_prune_keeps_runs_within_retention(history: Path):
+    before = folders(history)
+
+    removed = prune_runs(history, 1)
+
+    assert removed == []
+    assert folders(history) == before

@@ -24,6 +24,7 @@ import re
 import shutil
 import threading
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from trekeys.audit import Actor
 from trekeys.errors import DrillError, TrekeysError
 from trekeys.lab import Lab
 from trekeys.records import utcnow
+from trekeys.retention import folder_time, retention_period
 
 if TYPE_CHECKING:
     from trekeys.drills import DrillResult, RunResult
@@ -311,12 +313,20 @@ def write_index(out_root: Path) -> Path:
     return target
 
 
-def prune_runs(out_root: Path, keep: int, *, dry_run: bool = False) -> list[Path]:
+def prune_runs(
+    out_root: Path,
+    keep: int,
+    *,
+    dry_run: bool = False,
+    retention: timedelta | None = None,
+) -> list[Path]:
     """Remove all but the `keep` newest run folders, and rewrite the index.
 
     The newest run in which a drill passed is always kept, for every drill, so
     that the last proof of each procedure survives any number of failed runs.
-    Only folders named like run folders are touched.
+    Runs younger than the retention period (7 years by default, see
+    `trekeys.retention`) are kept as evidence whatever `keep` says. Only folders
+    named like run folders are touched.
 
     Returns:
         The run folders removed (or that would be, with `dry_run`).
@@ -337,6 +347,11 @@ def prune_runs(out_root: Path, keep: int, *, dry_run: bool = False) -> list[Path
             if drill.get("outcome") == "passed":
                 latest_pass.setdefault(drill["name"], run["folder"])
     kept |= set(latest_pass.values())
+    cutoff = utcnow() - (retention if retention is not None else retention_period())
+    for run in runs:
+        made = folder_time(out_root / run["folder"])
+        if made is None or made > cutoff:
+            kept.add(run["folder"])
 
     removed = [out_root / run["folder"] for run in runs if run["folder"] not in kept]
     if dry_run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -187,10 +188,17 @@ def verify(
     show_default=True,
     help="How many of the newest run folders to keep.",
 )
+@click.option(
+    "--retention-days",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Keep every run younger than this many days (default: 7 years).",
+)
 @click.option("--dry-run", is_flag=True, help="List what would go; remove nothing.")
-def prune(out_dir: Path, keep: int, dry_run: bool) -> None:
+def prune(out_dir: Path, keep: int, retention_days: int | None, dry_run: bool) -> None:
     """Remove old run folders, always keeping each drill's latest passing run."""
-    removed = prune_runs(out_dir, keep, dry_run=dry_run)
+    retention = None if retention_days is None else timedelta(days=retention_days)
+    removed = prune_runs(out_dir, keep, dry_run=dry_run, retention=retention)
     for folder in removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
     verb = "would be removed" if dry_run else "removed"
