@@ -258,3 +258,48 @@ def test_deploy_with_mismatched_vault_key_rejected(
 
     assert list(folder.iterdir()) == []
     assert vault.get(service_id).attributes.get("deployments") is None
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_deploy_same_path_rejected(
+    vault: Vault, service_id: str, tmp_path: Path, existing: bool
+) -> None:
+    folder = tmp_path / "www"
+    (folder / "sub").mkdir(parents=True)
+    shared = folder / "portal.pem"
+    if existing:
+        shared.write_text("the file the web server uses now\n")
+    # The same file spelled two ways must be caught too.
+    target = tls.DeployTarget(shared, folder / "sub" / ".." / "portal.pem")
+    files = snapshot(tmp_path)
+    before = vault_state(vault)
+
+    with pytest.raises(DeploymentError, match="both be written to .*portal.pem"):
+        tls.deploy_certificate(vault, service_id, target, replace=True)
+
+    assert snapshot(tmp_path) == files
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["sub", "portal.pem"] if existing else ["sub"]
+    )
+    assert vault_state(vault) == before
+
+
+def test_deploy_hard_linked_paths_rejected(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    chain = tmp_path / "portal.pem"
+    chain.write_text("old\n")
+    (tmp_path / "portal.key").hardlink_to(chain)
+    files = snapshot(tmp_path)
+    before = vault_state(vault)
+
+    with pytest.raises(DeploymentError, match="two different files"):
+        tls.deploy_certificate(
+            vault,
+            service_id,
+            tls.DeployTarget(chain, tmp_path / "portal.key"),
+            replace=True,
+        )
+
+    assert snapshot(tmp_path) == files
+    assert vault_state(vault) == before
