@@ -242,7 +242,10 @@ def rotate(lab_dir, share_files, key_id, reason, compromised) -> None:
     "--endpoint",
     "endpoints",
     multiple=True,
-    help="A live endpoint as host:port or service@host:port; repeat as needed.",
+    help=(
+        "A live endpoint as host:port or service@host:port; repeat as needed. "
+        "An endpoint that cannot be reached or speaks no TLS fails the audit."
+    ),
 )
 @click.option("--warning-days", type=int, default=30, show_default=True)
 @click.option("--timeout", type=float, default=3.0, show_default=True)
