@@ -519,3 +519,22 @@ def test_missing_key_file_fails(lab: Lab, vault: Vault) -> None:
     assert gitlab.key_matches is False
     assert gitlab.failures[0].startswith("key file privkey.pem is unusable: ")
     assert "No such file" in gitlab.failures[0]
+
+
+def test_name_mismatch_import_fails_audit(lab: Lab, vault: Vault) -> None:
+    portal = lab.services_dir / "portal.tre.internal"
+    record = tls.import_certificate(
+        vault,
+        "other.tre.internal",
+        portal / "fullchain.pem",
+        portal / "privkey.pem",
+        allow_name_mismatch=True,
+    )
+    (lab.services_dir / "other").mkdir()
+    target = tls.deploy_certificate(vault, record.id, lab.services_dir / "other")
+
+    report = tls.audit_tls(lab, vault)
+
+    other = _by_source(report)[str(target.chain_path)]
+    assert other.verdict == "FAIL"
+    assert "does not verify for other.tre.internal" in other.failures
