@@ -209,13 +209,19 @@ def test_failing_endpoints_reported_and_audit_goes_on(lab: Lab, vault: Vault) ->
         )
 
     findings = _by_source(report)
-    assert findings[refused.address].warnings == ["endpoint refused"]
-    assert findings[silent.address].warnings == ["endpoint timed out"]
-    assert findings[plain.address].warnings == ["endpoint no TLS"]
+    assert findings[refused.address].failures == ["endpoint refused"]
+    assert findings[silent.address].failures == ["endpoint timed out"]
+    assert findings[plain.address].failures == ["endpoint no TLS"]
     assert "refused the connection" in findings[refused.address].error
     assert findings[served.address].hostname_verified is True
+    assert findings[served.address].verdict == "ok"
     assert findings[_chain(lab, "gitlab.tre.internal")].verdict == "ok"
-    assert report.passed
+    assert {f.source for f in report.failures} == {
+        refused.address,
+        silent.address,
+        plain.address,
+    }
+    assert not report.passed
 
 
 @pytest.mark.parametrize(
@@ -461,8 +467,34 @@ def test_cli_audit_unreachable_days_column(lab: Lab) -> None:
     )
 
     line = next(line for line in result.stdout.splitlines() if refused.address in line)
-    assert line.split()[:2] == ["WARN", "-"]
+    assert line.split()[:2] == ["FAIL", "-"]
     assert " d " not in line
+
+
+def test_cli_audit_unreachable_endpoints_fail(
+    lab: Lab,
+) -> None:
+    refused = closed_port()
+    before = {p: p.read_bytes() for p in sorted(lab.root.rglob("*")) if p.is_file()}
+    with silent_server() as silent, plain_text_server() as plain:
+        result = CliRunner().invoke(
+            main,
+            ["tls", "audit", "--lab", str(lab.root), "--timeout", "1"]
+            + [f"--endpoint={e.address}" for e in (refused, silent, plain)],
+        )
+
+    lines = result.stdout.splitlines()
+    verdicts = {
+        e.address: next(line for line in lines if e.address in line).split()[0]
+        for e in (refused, silent, plain)
+    }
+    portal = next(line for line in lines if _chain(lab, "portal.tre.internal") in line)
+    assert result.exit_code == 1
+    assert verdicts == {e.address: "FAIL" for e in (refused, silent, plain)}
+    assert portal.startswith("ok")
+    assert "3 failing" in result.stderr
+    after = {p: p.read_bytes() for p in sorted(lab.root.rglob("*")) if p.is_file()}
+    assert after.keys() == before.keys()
 
 
 def test_expiry_timeline_html_has_alt_text(lab: Lab, vault: Vault) -> None:
@@ -487,3 +519,22 @@ def test_missing_key_file_fails(lab: Lab, vault: Vault) -> None:
     assert gitlab.key_matches is False
     assert gitlab.failures[0].startswith("key file privkey.pem is unusable: ")
     assert "No such file" in gitlab.failures[0]
+
+
+def test_name_mismatch_import_fails_audit(lab: Lab, vault: Vault) -> None:
+    portal = lab.services_dir / "portal.tre.internal"
+    record = tls.import_certificate(
+        vault,
+        "other.tre.internal",
+        portal / "fullchain.pem",
+        portal / "privkey.pem",
+        allow_name_mismatch=True,
+    )
+    (lab.services_dir / "other").mkdir()
+    target = tls.deploy_certificate(vault, record.id, lab.services_dir / "other")
+
+    report = tls.audit_tls(lab, vault)
+
+    other = _by_source(report)[str(target.chain_path)]
+    assert other.verdict == "FAIL"
+    assert "does not verify for other.tre.internal" in other.failures

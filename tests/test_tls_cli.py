@@ -118,3 +118,27 @@ def test_cli_audit_json(lab: Lab) -> None:
     assert rows[0]["verdict"] == "WARN"
     assert rows[0]["service"] == "jupyter.tre.internal"
     assert "4 certificates, 0 failing, 1 warning" in result.stderr
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_import_other_service_rejected(lab: Lab) -> None:
+    portal = lab.services_dir / "portal.tre.internal"
+    before = _files(lab.root)
+
+    result = _tls(
+        lab,
+        "import",
+        "other.tre.internal",
+        "--chain",
+        str(portal / "fullchain.pem"),
+        "--key",
+        str(portal / "privkey.pem"),
+    )
+
+    assert result.exit_code == 1
+    assert "does not cover other.tre.internal" in result.stderr
+    assert "lists portal.tre.internal" in result.stderr
+    assert _files(lab.root) == before

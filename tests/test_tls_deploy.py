@@ -22,10 +22,18 @@ from trekeys.errors import (
     CertificateKeyMismatchError,
     DeploymentError,
     DestinationExistsError,
+    HostnameError,
     PolicyError,
 )
+from trekeys.records import utcnow
+from trekeys.tls_names import parse_subject_names
 from trekeys.tls_records import load_record_certificate
-from trekeys.tls_x509 import certificate_pem, generate_private_key, private_key_pem
+from trekeys.tls_x509 import (
+    build_service_certificate,
+    certificate_pem,
+    generate_private_key,
+    private_key_pem,
+)
 from trekeys.vault import Vault
 
 
@@ -258,3 +266,105 @@ def test_deploy_with_mismatched_vault_key_rejected(
 
     assert list(folder.iterdir()) == []
     assert vault.get(service_id).attributes.get("deployments") is None
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_deploy_same_path_rejected(
+    vault: Vault, service_id: str, tmp_path: Path, existing: bool
+) -> None:
+    folder = tmp_path / "www"
+    (folder / "sub").mkdir(parents=True)
+    shared = folder / "portal.pem"
+    if existing:
+        shared.write_text("the file the web server uses now\n")
+    # The same file spelled two ways must be caught too.
+    target = tls.DeployTarget(shared, folder / "sub" / ".." / "portal.pem")
+    files = snapshot(tmp_path)
+    before = vault_state(vault)
+
+    with pytest.raises(DeploymentError, match="both be written to .*portal.pem"):
+        tls.deploy_certificate(vault, service_id, target, replace=True)
+
+    assert snapshot(tmp_path) == files
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["sub", "portal.pem"] if existing else ["sub"]
+    )
+    assert vault_state(vault) == before
+
+
+def test_deploy_hard_linked_paths_rejected(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    chain = tmp_path / "portal.pem"
+    chain.write_text("old\n")
+    (tmp_path / "portal.key").hardlink_to(chain)
+    files = snapshot(tmp_path)
+    before = vault_state(vault)
+
+    with pytest.raises(DeploymentError, match="two different files"):
+        tls.deploy_certificate(
+            vault,
+            service_id,
+            tls.DeployTarget(chain, tmp_path / "portal.key"),
+            replace=True,
+        )
+
+    assert snapshot(tmp_path) == files
+    assert vault_state(vault) == before
+
+
+def test_import_other_name_rejected(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    target = tls.deploy_certificate(vault, service_id, tmp_path)
+    files = snapshot(tmp_path)
+    before = vault_state(vault)
+
+    with pytest.raises(
+        HostnameError, match="does not cover other.tre.internal: .* portal.tre.internal"
+    ):
+        tls.import_certificate(
+            vault, "other.tre.internal", target.chain_path, target.key_path
+        )
+
+    assert snapshot(tmp_path) == files
+    assert vault_state(vault) == before
+
+
+def test_import_name_mismatch_allowed(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    target = tls.deploy_certificate(vault, service_id, tmp_path)
+
+    record = tls.import_certificate(
+        vault,
+        "other.tre.internal",
+        target.chain_path,
+        target.key_path,
+        allow_name_mismatch=True,
+    )
+
+    assert record.id == "tls/other.tre.internal"
+    assert record.fingerprint == vault.get(service_id).fingerprint
+
+
+def test_import_forged_self_signed_rejected(vault: Vault, tmp_path: Path) -> None:
+    # The certificate names itself as issuer but another key signed it.
+    names = parse_subject_names(["forged.tre.internal"])
+    key, other = generate_private_key("ecdsa-p256"), generate_private_key("ecdsa-p256")
+    lookalike = build_service_certificate(other, names, utcnow(), 30)
+    forged = build_service_certificate(
+        key, names, utcnow(), 30, issuer=(lookalike, other)
+    )
+    chain, key_file = tmp_path / "forged.pem", tmp_path / "forged.key"
+    chain.write_bytes(certificate_pem(forged))
+    key_file.write_text(private_key_pem(key))
+    files = snapshot(tmp_path)
+    before = vault_state(vault)
+
+    with pytest.raises(CertificateError, match="does not verify with its own key"):
+        tls.import_certificate(vault, "forged.tre.internal", chain, key_file)
+
+    assert forged.issuer == forged.subject
+    assert snapshot(tmp_path) == files
+    assert vault_state(vault) == before

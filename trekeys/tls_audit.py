@@ -10,10 +10,12 @@ it verifies for its service name against the TRE's trusted roots.
 A deployed or served certificate fails the audit when it is expired, revoked
 or superseded, or when its key file does not match it. It also fails when it
 does not verify for its service name, or when it sits where the vault records
-another key's certificate. A certificate that expires within the warning
-period or is unknown to the vault but verifies, or an endpoint that cannot be
-reached, is a warning. Failures and warnings are reported per certificate and
-per endpoint, and the audit always goes on.
+another key's certificate. An endpoint given for audit that refuses the
+connection, times out or does not speak TLS fails too, because the
+administrator listed it as a place where a service is expected to listen. A
+certificate that expires within the warning period or is unknown to the vault
+but verifies is a warning. Failures and warnings are reported per certificate
+and per endpoint, and the audit always goes on.
 """
 
 from __future__ import annotations
@@ -307,7 +309,7 @@ class _Auditor:
             )
         except EndpointError as exc:
             finding.error = str(exc)
-            finding.warnings.append(f"endpoint {exc.reason}")
+            finding.failures.append(f"endpoint {exc.reason}")
             return finding
         finding.hostname_verified = verified
         finding.verification_detail = detail

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from trekeys.errors import CertificateError, PolicyError, RecordError
+from trekeys.errors import CertificateError, HostnameError, PolicyError, RecordError
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
 from trekeys.tls_deploy import write_public_file
 from trekeys.tls_names import SubjectNames, parse_subject_names
@@ -321,13 +321,29 @@ def add_signed_reference(vault: Vault, ca_id: str, key_id: str) -> None:
 
 
 def import_certificate(
-    vault: Vault, service: str, chain_path: Path, key_path: Path
+    vault: Vault,
+    service: str,
+    chain_path: Path,
+    key_path: Path,
+    *,
+    allow_name_mismatch: bool = False,
 ) -> KeyRecord:
     """Bring an existing self-signed or TRE-CA certificate and its key under
     management, as the active key of `service`.
 
+    Args:
+        vault: the open vault.
+        service: the DNS name the certificate serves.
+        chain_path: the PEM chain, service certificate first.
+        key_path: the PEM private key of the certificate.
+        allow_name_mismatch: import even when the certificate's subjectAltName
+            does not list `service`; the audit will then fail it.
+
     Raises:
-        CertificateError: a file is unreadable, or the issuer is not a vault CA.
+        HostnameError: the certificate's subjectAltName does not list `service`
+            and `allow_name_mismatch` is False.
+        CertificateError: a file is unreadable, the issuer is not a vault CA,
+            or a self-signed certificate's signature does not verify.
         CertificateKeyMismatchError: the key is not the certificate's key.
         RecordError: the service already has an active certificate.
     """
@@ -338,6 +354,8 @@ def import_certificate(
     key = load_private_key(_read_input(Path(key_path)), source=str(key_path))
     check_key_matches(leaf, key, source=str(key_path))
     service = service_dns_name(service)
+    if not allow_name_mismatch:
+        _check_covers(leaf, service, source=str(chain_path))
     names = parse_subject_names([service, *subject_alt_names(leaf)])
     if find_service_key(vault, names.dns_names[0]) is not None:
         raise RecordError(
@@ -383,8 +401,22 @@ def _read_input(path: Path) -> bytes:
         ) from exc
 
 
+def _check_covers(leaf: x509.Certificate, service: str, *, source: str) -> None:
+    # Only exact names match, because trekeys issues no wildcards and rejects them.
+    sans = subject_alt_names(leaf)
+    if service in {name.lower().removesuffix(".") for name in sans}:
+        return
+    listed = ", ".join(sans) if sans else "no names"
+    raise HostnameError(
+        f"the certificate in {source} does not cover {service}: its "
+        f"subjectAltName lists {listed}; import the certificate of {service}, or "
+        "pass --allow-name-mismatch to import it anyway."
+    )
+
+
 def _issuer_in_vault(vault: Vault, leaf: x509.Certificate) -> str:
     if leaf.issuer == leaf.subject:
+        _check_self_signature(leaf)
         return SELF_SIGNED
     for ca in vault.find(kind=KeyKind.TLS_CA.value):
         if ca.is_tombstone:
@@ -399,6 +431,19 @@ def _issuer_in_vault(vault: Vault, leaf: x509.Certificate) -> str:
         f"{leaf.issuer.rfc4514_string()}, which is not a CA in the vault; issue a "
         "new certificate with 'trekeys tls issue' instead."
     )
+
+
+def _check_self_signature(leaf: x509.Certificate) -> None:
+    # A certificate can name itself as issuer and still be signed by another key,
+    # so the signature must verify with the certificate's own public key.
+    try:
+        leaf.verify_directly_issued_by(leaf)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CertificateError(
+            f"the certificate for {leaf.subject.rfc4514_string()} names itself as "
+            "issuer but its signature does not verify with its own key; issue a "
+            "new certificate with 'trekeys tls issue' instead."
+        ) from exc
 
 
 def publish_ca_certificate(vault: Vault, ca_id: str) -> Path:

@@ -72,9 +72,11 @@ def write_deployment(
         replace: whether existing files at the paths may be replaced.
 
     Raises:
-        DeploymentError: a folder does not exist or is not writable.
+        DeploymentError: the two paths are one file, or a folder does not exist
+            or is not writable.
         DestinationExistsError: a file exists and `replace` is False.
     """
+    check_distinct_paths(target)
     files = [
         (target.chain_path, chain_pem, CHAIN_MODE),
         (target.key_path, key_pem, KEY_MODE),
@@ -89,6 +91,22 @@ def write_deployment(
     for folder in {path.parent for path, _, _ in files}:
         _fsync_dir(folder)
     logger.info("deployed %s and %s", target.chain_path, target.key_path)
+
+
+def check_distinct_paths(target: DeployTarget) -> None:
+    """Check that the chain and the key go to two different files.
+
+    Raises:
+        DeploymentError: both paths name the same file.
+    """
+    chain, key = target.chain_path.resolve(), target.key_path.resolve()
+    # A hard link is one file under two names, so compare the files themselves.
+    same = chain == key or (chain.exists() and key.exists() and chain.samefile(key))
+    if same:
+        raise DeploymentError(
+            f"the chain and the key would both be written to {chain}; give "
+            "--chain-path and --key-path two different files."
+        )
 
 
 def check_targets(targets: Sequence[DeployTarget]) -> None:
@@ -233,7 +251,8 @@ def deploy_certificate(
 
     Raises:
         PolicyError: the key is not active, so its certificate must not be used.
-        DeploymentError: a folder does not exist or is not writable.
+        DeploymentError: the chain and key paths are one file, or a folder does
+            not exist or is not writable.
         DestinationExistsError: a file exists there and `replace` is False.
     """
     record = require_tls_record(vault, key_id)
@@ -248,6 +267,7 @@ def deploy_certificate(
         else DeployTarget.in_folder(Path(destination))
     )
     target = DeployTarget(target.chain_path.resolve(), target.key_path.resolve())
+    check_distinct_paths(target)
     deployments = json_attribute(record, "deployments")
     stored = path_for_record(vault, target.chain_path)
     known = any(d["chain"] == stored for d in deployments)

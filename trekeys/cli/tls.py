@@ -116,11 +116,24 @@ def issue(
 @click.argument("service")
 @click.option("--chain", type=click.Path(path_type=Path), required=True)
 @click.option("--key", "key_path", type=click.Path(path_type=Path), required=True)
-def import_command(lab_dir, share_files, service, chain, key_path) -> None:
+@click.option(
+    "--allow-name-mismatch",
+    is_flag=True,
+    help="Import even if the certificate's names do not include SERVICE.",
+)
+def import_command(
+    lab_dir, share_files, service, chain, key_path, allow_name_mismatch
+) -> None:
     """Bring an existing certificate and its key for SERVICE under management."""
     _, vault = open_lab_vault(lab_dir, share_files)
     with vault:
-        record = tls.import_certificate(vault, service, chain, key_path)
+        record = tls.import_certificate(
+            vault,
+            service,
+            chain,
+            key_path,
+            allow_name_mismatch=allow_name_mismatch,
+        )
     click.echo(f"imported {record.id}, fingerprint {record.fingerprint}")
 
 
@@ -242,7 +255,10 @@ def rotate(lab_dir, share_files, key_id, reason, compromised) -> None:
     "--endpoint",
     "endpoints",
     multiple=True,
-    help="A live endpoint as host:port or service@host:port; repeat as needed.",
+    help=(
+        "A live endpoint as host:port or service@host:port; repeat as needed. "
+        "An endpoint that cannot be reached or speaks no TLS fails the audit."
+    ),
 )
 @click.option("--warning-days", type=int, default=30, show_default=True)
 @click.option("--timeout", type=float, default=3.0, show_default=True)
