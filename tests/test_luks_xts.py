@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from trekeys import xts_native
 from trekeys.cryptsetup import KdfSettings
 from trekeys.errors import IntegrityError
 from trekeys.luks2meta import read_header
@@ -21,7 +23,7 @@ from trekeys.luks_device import (
     reduce_size,
 )
 from trekeys.luks_recovery import decrypt_segment
-from trekeys.xts import XtsDecryptor, decrypt_stream
+from trekeys.xts import BACKENDS, XtsDecryptor, decrypt_stream
 
 
 def encrypt_reference(key: bytes, plain: bytes, sector_size: int, ivs: list[int]):
@@ -79,6 +81,76 @@ def test_xts_plain_truncates_to_32_bits() -> None:
     assert XtsDecryptor(key, 512, iv_scheme="plain").decrypt(cipher, first) == plain
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sector_size", [512, 1024, 2048, 4096])
+@pytest.mark.parametrize(
+    ("iv_offset", "large_iv", "scheme"),
+    [
+        (0, False, "plain64"),
+        (13, False, "plain64"),
+        (5, True, "plain64"),
+        (2**32 - 3, False, "plain"),
+    ],
+)
+def test_backends_match_cryptography(
+    backend: str, sector_size: int, iv_offset: int, large_iv: bool, scheme: str
+) -> None:
+    key = os.urandom(64)
+    first = 2**32 // (sector_size // 512) - 2
+    count = 6
+    plain = os.urandom(sector_size * count)
+    unit = 1 if large_iv else sector_size // 512
+    ivs = [(first + n) * unit + iv_offset for n in range(count)]
+    if scheme == "plain":
+        ivs = [iv % 2**32 for iv in ivs]
+    cipher = encrypt_reference(key, plain, sector_size, ivs)
+
+    decryptor = XtsDecryptor(
+        key,
+        sector_size,
+        iv_scheme=scheme,
+        iv_offset=iv_offset,
+        large_iv=large_iv,
+        chunk_bytes=4 * sector_size,
+        backend=backend,
+    )
+
+    assert decryptor.backend == backend
+    assert decryptor.decrypt(cipher, first) == plain
+    assert (
+        decryptor.clone().decrypt(cipher[sector_size:], first + 1)
+        == plain[sector_size:]
+    )
+
+
+def test_default_backend_is_compiled_when_it_builds() -> None:
+    assert xts_native.load() is not None
+    assert XtsDecryptor(bytes(range(64)), 4096).backend == "openssl"
+
+
+def test_falls_back_to_numpy_without_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    xts_native.load.cache_clear()
+    key = os.urandom(64)
+    plain = os.urandom(512 * 3)
+    cipher = encrypt_reference(key, plain, 512, [9, 10, 11])
+    try:
+        with caplog.at_level(logging.WARNING, logger="trekeys.xts_native"):
+            decryptor = XtsDecryptor(key, 512)
+        with pytest.raises(IntegrityError, match="could not be built"):
+            XtsDecryptor(key, 512, backend="openssl")
+    finally:
+        xts_native.load.cache_clear()
+
+    assert decryptor.backend == "numpy"
+    assert decryptor.decrypt(cipher, 9) == plain
+    assert "using the slower numpy path" in caplog.text
+    assert not list((tmp_path / "cache" / "trekeys").glob("*/*.so"))
+
+
 def test_xts_wrong_key_gives_other_bytes() -> None:
     key = os.urandom(64)
     plain = os.urandom(4096)
@@ -100,6 +172,11 @@ def test_xts_rejects_bad_parameters(
 ) -> None:
     with pytest.raises(IntegrityError, match=message):
         XtsDecryptor(key, sector_size, iv_scheme=scheme)
+
+
+def test_xts_rejects_unknown_backend() -> None:
+    with pytest.raises(IntegrityError, match="backend 'aesni' is unknown"):
+        XtsDecryptor(bytes(64), 512, backend="aesni")
 
 
 def test_xts_rejects_partial_sector() -> None:
@@ -131,6 +208,15 @@ def test_decrypts_cryptsetup_volume(tmp_path: Path, sector_size: int) -> None:
 
     assert segment.sector_size == sector_size
     assert decrypted.read_bytes()[: len(original)] == original
+    volume_key = dump_volume_key(image, key)
+    with image.open("rb") as handle:
+        handle.seek(segment.offset)
+        ciphertext = handle.read(len(original))
+    for backend in BACKENDS:
+        decryptor = XtsDecryptor(
+            volume_key, sector_size, iv_offset=segment.iv_tweak, backend=backend
+        )
+        assert decryptor.decrypt(ciphertext, 0) == original, backend
     assert decrypted.stat().st_mode & 0o777 == 0o600
     listing = subprocess.run(
         ["debugfs", "-R", "ls -l /", str(decrypted)], capture_output=True, text=True
@@ -138,17 +224,18 @@ def test_decrypts_cryptsetup_volume(tmp_path: Path, sector_size: int) -> None:
     assert "data.bin" in listing.stdout
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("workers", [1, 3])
-def test_stream_matches_one_call(workers: int) -> None:
+def test_stream_matches_one_call(workers: int, backend: str) -> None:
     key = os.urandom(64)
     data = os.urandom(512 * 1000)
-    expected = XtsDecryptor(key, 512).decrypt(data, 77)
+    expected = XtsDecryptor(key, 512, backend="numpy").decrypt(data, 77)
     target = io.BytesIO()
 
     written = decrypt_stream(
         io.BytesIO(data),
         target,
-        XtsDecryptor(key, 512, chunk_bytes=512 * 64),
+        XtsDecryptor(key, 512, chunk_bytes=512 * 64, backend=backend),
         length=len(data),
         first_sector=77,
         chunk_bytes=512 * 64,
