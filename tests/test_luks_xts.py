@@ -254,3 +254,24 @@ def test_stream_rejects_truncated_source() -> None:
             XtsDecryptor(bytes(64), 4096),
             length=8192,
         )
+
+
+def test_stream_overlapping_batches_keep_numpy_buffers_apart() -> None:
+    # The next batch is decrypted while the previous one is still running, so
+    # each batch needs its own numpy scratch buffers.
+    key = os.urandom(64)
+    data = os.urandom(8 * 1024 * 1024)
+    expected = XtsDecryptor(key, 4096, backend="openssl").decrypt(data, 5)
+    target = io.BytesIO()
+
+    decrypt_stream(
+        io.BytesIO(data),
+        target,
+        XtsDecryptor(key, 4096, chunk_bytes=64 * 1024, backend="numpy"),
+        length=len(data),
+        first_sector=5,
+        chunk_bytes=64 * 1024,
+        workers=4,
+    )
+
+    assert target.getvalue() == expected

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
 from typing import Protocol
 
@@ -361,9 +362,11 @@ def decrypt_stream(
     """Decrypt `length` bytes from `source` to `target` in chunks, bounding memory.
 
     Each of `workers` threads (the CPU count, at most 4, by default) decrypts
-    one chunk of every batch. The compiled backend releases the GIL for the
-    whole chunk; on the numpy path only the tweak work runs in parallel, as
-    the AES calls of the cryptography package hold the GIL.
+    one chunk of every batch, in place. The compiled backend releases the GIL
+    for the whole chunk; on the numpy path only the tweak work runs in
+    parallel, as the AES calls of the cryptography package hold the GIL.
+    Two batch buffers take turns, so the next batch is read while the threads
+    decrypt the current one.
 
     Returns:
         The number of bytes written.
@@ -379,43 +382,58 @@ def decrypt_stream(
         )
     chunk = max(sector, chunk_bytes - chunk_bytes % sector)
     workers = workers or min(os.cpu_count() or 1, 4)
+    # Each buffer has its own decryptors: the numpy path's scratch buffers
+    # must not serve two batches at once.
+    helpers = [decryptor] + [decryptor.clone() for _ in range(2 * workers - 1)]
     logger.info(
         "decrypting %d bytes with the %s AES-XTS backend on %d threads",
         length,
         decryptor.backend,
         workers,
     )
-    helpers = [decryptor] + [decryptor.clone() for _ in range(workers - 1)]
 
     # Both buffers are reused for every batch, so memory stays bounded.
     batch = chunk * workers
-    incoming = bytearray(batch)
-    outgoing = bytearray(batch)
-    done = 0
+    buffers = (bytearray(batch), bytearray(batch))
+    queued: deque[tuple[memoryview, list[Future[None]]]] = deque()
+    read = done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while done < length:
-            wanted = min(batch, length - done)
-            view = memoryview(incoming)[:wanted]
-            got = source.readinto(view)
-            if got != wanted:
-                raise IntegrityError(
-                    f"the volume image ended after {done + (got or 0)} of {length} "
-                    "bytes of its data segment; it is truncated."
-                )
-            result = memoryview(outgoing)[:wanted]
-            jobs = [
-                pool.submit(
-                    helper.decrypt_into,
-                    view[start : start + chunk],
-                    first_sector + (done + start) // sector,
-                    result[start : start + chunk],
-                )
-                for helper, start in zip(helpers, range(0, wanted, chunk), strict=False)
-            ]
+            while read < length and len(queued) < len(buffers):
+                wanted = min(batch, length - read)
+                turn = read // batch % 2
+                view = memoryview(buffers[turn])[:wanted]
+                _read_exactly(source, view, read, length)
+                jobs = [
+                    pool.submit(
+                        helper.decrypt_into,
+                        view[start : start + chunk],
+                        first_sector + (read + start) // sector,
+                        view[start : start + chunk],
+                    )
+                    for helper, start in zip(
+                        helpers[turn * workers :],
+                        range(0, wanted, chunk),
+                        strict=False,
+                    )
+                ]
+                queued.append((view, jobs))
+                read += wanted
+
+            view, jobs = queued.popleft()
             for job in jobs:
                 job.result()
-            target.write(result)
-            done += wanted
+            target.write(view)
+            done += len(view)
             if progress is not None:
                 progress(done)
     return done
+
+
+def _read_exactly(source: Readable, view: memoryview, offset: int, length: int) -> None:
+    got = source.readinto(view)
+    if got != len(view):
+        raise IntegrityError(
+            f"the volume image ended after {offset + (got or 0)} of {length} "
+            "bytes of its data segment; it is truncated."
+        )
