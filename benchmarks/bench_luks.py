@@ -12,8 +12,7 @@ one. The child's peak RSS must stay under 128 MiB whatever the volume size.
 
 The child uses the default backend of `trekeys.xts` (the compiled OpenSSL
 loop when it builds) and the row names it. The numpy fallback is measured
-too and reported apart, so that a host without a compiler knows what to
-expect.
+too and reported apart, which shows what a host without a C compiler gets.
 
 The volume size is TREKEYS_BENCH_LUKS_MIB (default 1024 MiB, 64 MiB with
 --quick).

@@ -123,12 +123,12 @@ def test_backends_match_cryptography(
     )
 
 
-def test_default_backend_is_compiled_when_it_builds() -> None:
+def test_default_backend_is_openssl() -> None:
     assert xts_native.load() is not None
     assert XtsDecryptor(bytes(range(64)), 4096).backend == "openssl"
 
 
-def test_falls_back_to_numpy_without_compiler(
+def test_numpy_fallback_without_compiler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -256,7 +256,7 @@ def test_stream_rejects_truncated_source() -> None:
         )
 
 
-def test_stream_overlapping_batches_keep_numpy_buffers_apart() -> None:
+def test_stream_numpy_overlapping_batches() -> None:
     # The next batch is decrypted while the previous one is still running, so
     # each batch needs its own numpy scratch buffers.
     key = os.urandom(64)

@@ -12,8 +12,8 @@ the data key, and XORed again.
 
 That numpy path is the fallback. When a C compiler and libcrypto.so.3 are
 present, `trekeys.xts_native` builds a small loop that calls OpenSSL's own
-AES-XTS once per sector, which is several times faster; the numpy tweak
-expansion cost about three times the AES itself.
+AES-XTS once per sector. It is several times faster, because the numpy tweak
+expansion costs about three times the AES itself.
 
 This is the one module that handles a raw volume key; callers pass it in
 from the vault and drop it when they are done.
@@ -363,8 +363,8 @@ def decrypt_stream(
 
     Each of `workers` threads (the CPU count, at most 4, by default) decrypts
     one chunk of every batch, in place. The compiled backend releases the GIL
-    for the whole chunk; on the numpy path only the tweak work runs in
-    parallel, as the AES calls of the cryptography package hold the GIL.
+    for the whole chunk. On the numpy path only the tweak work runs in
+    parallel, because the AES calls of the cryptography package hold the GIL.
     Two batch buffers take turns, so the next batch is read while the threads
     decrypt the current one.
 
@@ -382,8 +382,8 @@ def decrypt_stream(
         )
     chunk = max(sector, chunk_bytes - chunk_bytes % sector)
     workers = workers or min(os.cpu_count() or 1, 4)
-    # Each buffer has its own decryptors: the numpy path's scratch buffers
-    # must not serve two batches at once.
+    # Each buffer has its own decryptors, because the numpy path's scratch
+    # buffers cannot serve two batches at once.
     helpers = [decryptor] + [decryptor.clone() for _ in range(2 * workers - 1)]
     logger.info(
         "decrypting %d bytes with the %s AES-XTS backend on %d threads",

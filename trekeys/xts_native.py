@@ -8,8 +8,8 @@ that concurrent processes build it once. The EVP prototypes are declared
 here, so the OpenSSL headers (libssl-dev) are not needed; only a C compiler,
 the Python headers and libcrypto.so.3.
 
-This module never sees a key: `trekeys.xts` passes the key straight to the
-compiled function. `load` returns None when the build fails, and the caller
+This module does not receive the key: `trekeys.xts` passes it straight to
+the compiled function. `load` returns None when the build fails, and the caller
 falls back to its numpy path.
 """
 
@@ -103,13 +103,13 @@ int trekeys_xts_decrypt(const unsigned char *key, int key_len,
 
 
 def cache_folder() -> Path:
-    """Return the folder that holds compiled extensions, per user."""
+    """Return the per-user folder that contains compiled extensions."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "trekeys"
 
 
 def _build_tag() -> str:
-    """Name a build by its source, the compiler flags' inputs and the Python ABI."""
+    """Return the build folder name: a hash of the C source and the Python ABI."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     digest = hashlib.sha256((CDEF + SOURCE + suffix).encode()).hexdigest()
     return f"xts-{digest[:16]}"
@@ -127,7 +127,7 @@ def load() -> ModuleType | None:
         module = _import(library)
     except Exception as error:  # noqa: BLE001 - any failure means: use numpy
         logger.warning(
-            "compiled AES-XTS backend unavailable (%s); using the slower numpy path",
+            "compiled AES-XTS backend unavailable (%s), so using the slower numpy path",
             error,
         )
         return None
@@ -136,7 +136,7 @@ def load() -> ModuleType | None:
 
 
 def _build_locked(folder: Path, library: Path) -> None:
-    """Build under an exclusive lock; another process may have built it meanwhile."""
+    """Build under an exclusive lock, unless another process built it meanwhile."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     with (folder / "build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -157,7 +157,7 @@ def _compile(folder: Path, library: Path) -> None:
 
     with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as scratch:
         c_file = Path(scratch) / f"{MODULE_NAME}.c"
-        # cffi announces the file it generates on stdout; keep stdout clean.
+        # cffi prints the name of the file it generates, which would clutter stdout.
         with contextlib.redirect_stdout(io.StringIO()):
             ffi.emit_c_code(str(c_file))
         built = Path(scratch) / library.name
