@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,35 @@ def test_numpy_fallback_without_compiler(
     assert decryptor.decrypt(cipher, 9) == plain
     assert "using the slower numpy path" in caplog.text
     assert not list((tmp_path / "cache" / "trekeys").glob("*/*.so"))
+
+
+def test_concurrent_builds_share_one_library(tmp_path: Path) -> None:
+    # Two processes start on an empty cache at once. The lock makes the second
+    # wait and reuse the first one's build instead of compiling into it.
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "from trekeys import xts_native; print(xts_native.load().__file__)"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [child.communicate(timeout=120) for child in children]
+
+    assert [child.returncode for child in children] == [0, 0], outputs
+    paths = {stdout.strip() for stdout, _ in outputs}
+    assert len(paths) == 1
+    libraries = list((tmp_path / "trekeys").glob("xts-*/*.so"))
+    assert [str(library) for library in libraries] == list(paths)
+    assert not list((tmp_path / "trekeys").glob("xts-*/build-*"))
+    assert sum("built the compiled" in stderr for _, stderr in outputs) == 1
 
 
 def test_xts_wrong_key_gives_other_bytes() -> None:
