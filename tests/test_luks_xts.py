@@ -83,6 +83,7 @@ def test_xts_plain_truncates_to_32_bits() -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key_bytes", [32, 64])
 @pytest.mark.parametrize("sector_size", [512, 1024, 2048, 4096])
 @pytest.mark.parametrize(
     ("iv_offset", "large_iv", "scheme"),
@@ -94,9 +95,14 @@ def test_xts_plain_truncates_to_32_bits() -> None:
     ],
 )
 def test_backends_match_cryptography(
-    backend: str, sector_size: int, iv_offset: int, large_iv: bool, scheme: str
+    backend: str,
+    key_bytes: int,
+    sector_size: int,
+    iv_offset: int,
+    large_iv: bool,
+    scheme: str,
 ) -> None:
-    key = os.urandom(64)
+    key = os.urandom(key_bytes)
     first = 2**32 // (sector_size // 512) - 2
     count = 6
     plain = os.urandom(sector_size * count)
