@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from trekeys import xts_native
 from trekeys.cryptsetup import KdfSettings
 from trekeys.errors import IntegrityError
 from trekeys.luks2meta import read_header
@@ -21,7 +24,7 @@ from trekeys.luks_device import (
     reduce_size,
 )
 from trekeys.luks_recovery import decrypt_segment
-from trekeys.xts import XtsDecryptor, decrypt_stream
+from trekeys.xts import BACKENDS, XtsDecryptor, decrypt_stream
 
 
 def encrypt_reference(key: bytes, plain: bytes, sector_size: int, ivs: list[int]):
@@ -79,6 +82,111 @@ def test_xts_plain_truncates_to_32_bits() -> None:
     assert XtsDecryptor(key, 512, iv_scheme="plain").decrypt(cipher, first) == plain
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key_bytes", [32, 64])
+@pytest.mark.parametrize("sector_size", [512, 1024, 2048, 4096])
+@pytest.mark.parametrize(
+    ("iv_offset", "large_iv", "scheme"),
+    [
+        (0, False, "plain64"),
+        (13, False, "plain64"),
+        (5, True, "plain64"),
+        (2**32 - 3, False, "plain"),
+    ],
+)
+def test_backends_match_cryptography(
+    backend: str,
+    key_bytes: int,
+    sector_size: int,
+    iv_offset: int,
+    large_iv: bool,
+    scheme: str,
+) -> None:
+    key = os.urandom(key_bytes)
+    first = 2**32 // (sector_size // 512) - 2
+    count = 6
+    plain = os.urandom(sector_size * count)
+    unit = 1 if large_iv else sector_size // 512
+    ivs = [(first + n) * unit + iv_offset for n in range(count)]
+    if scheme == "plain":
+        ivs = [iv % 2**32 for iv in ivs]
+    cipher = encrypt_reference(key, plain, sector_size, ivs)
+
+    decryptor = XtsDecryptor(
+        key,
+        sector_size,
+        iv_scheme=scheme,
+        iv_offset=iv_offset,
+        large_iv=large_iv,
+        chunk_bytes=4 * sector_size,
+        backend=backend,
+    )
+
+    assert decryptor.backend == backend
+    assert decryptor.decrypt(cipher, first) == plain
+    assert (
+        decryptor.clone().decrypt(cipher[sector_size:], first + 1)
+        == plain[sector_size:]
+    )
+
+
+def test_default_backend_is_openssl() -> None:
+    assert xts_native.load() is not None
+    assert XtsDecryptor(bytes(range(64)), 4096).backend == "openssl"
+
+
+def test_numpy_fallback_without_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    xts_native.load.cache_clear()
+    key = os.urandom(64)
+    plain = os.urandom(512 * 3)
+    cipher = encrypt_reference(key, plain, 512, [9, 10, 11])
+    try:
+        with caplog.at_level(logging.WARNING, logger="trekeys.xts_native"):
+            decryptor = XtsDecryptor(key, 512)
+        with pytest.raises(IntegrityError, match="could not be built"):
+            XtsDecryptor(key, 512, backend="openssl")
+    finally:
+        xts_native.load.cache_clear()
+
+    assert decryptor.backend == "numpy"
+    assert decryptor.decrypt(cipher, 9) == plain
+    assert "using the slower numpy path" in caplog.text
+    assert not list((tmp_path / "cache" / "trekeys").glob("*/*.so"))
+
+
+def test_concurrent_builds_share_one_library(tmp_path: Path) -> None:
+    # Two processes start on an empty cache at once. The lock makes the second
+    # wait and reuse the first one's build instead of compiling into it.
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "from trekeys import xts_native; print(xts_native.load().__file__)"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [child.communicate(timeout=120) for child in children]
+
+    assert [child.returncode for child in children] == [0, 0], outputs
+    paths = {stdout.strip() for stdout, _ in outputs}
+    assert len(paths) == 1
+    libraries = list((tmp_path / "trekeys").glob("xts-*/*.so"))
+    assert [str(library) for library in libraries] == list(paths)
+    assert not list((tmp_path / "trekeys").glob("xts-*/build-*"))
+    assert sum("built the compiled" in stderr for _, stderr in outputs) == 1
+
+
 def test_xts_wrong_key_gives_other_bytes() -> None:
     key = os.urandom(64)
     plain = os.urandom(4096)
@@ -100,6 +208,11 @@ def test_xts_rejects_bad_parameters(
 ) -> None:
     with pytest.raises(IntegrityError, match=message):
         XtsDecryptor(key, sector_size, iv_scheme=scheme)
+
+
+def test_xts_rejects_unknown_backend() -> None:
+    with pytest.raises(IntegrityError, match="backend 'aesni' is unknown"):
+        XtsDecryptor(bytes(64), 512, backend="aesni")
 
 
 def test_xts_rejects_partial_sector() -> None:
@@ -131,6 +244,15 @@ def test_decrypts_cryptsetup_volume(tmp_path: Path, sector_size: int) -> None:
 
     assert segment.sector_size == sector_size
     assert decrypted.read_bytes()[: len(original)] == original
+    volume_key = dump_volume_key(image, key)
+    with image.open("rb") as handle:
+        handle.seek(segment.offset)
+        ciphertext = handle.read(len(original))
+    for backend in BACKENDS:
+        decryptor = XtsDecryptor(
+            volume_key, sector_size, iv_offset=segment.iv_tweak, backend=backend
+        )
+        assert decryptor.decrypt(ciphertext, 0) == original, backend
     assert decrypted.stat().st_mode & 0o777 == 0o600
     listing = subprocess.run(
         ["debugfs", "-R", "ls -l /", str(decrypted)], capture_output=True, text=True
@@ -138,17 +260,18 @@ def test_decrypts_cryptsetup_volume(tmp_path: Path, sector_size: int) -> None:
     assert "data.bin" in listing.stdout
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("workers", [1, 3])
-def test_stream_matches_one_call(workers: int) -> None:
+def test_stream_matches_one_call(workers: int, backend: str) -> None:
     key = os.urandom(64)
     data = os.urandom(512 * 1000)
-    expected = XtsDecryptor(key, 512).decrypt(data, 77)
+    expected = XtsDecryptor(key, 512, backend="numpy").decrypt(data, 77)
     target = io.BytesIO()
 
     written = decrypt_stream(
         io.BytesIO(data),
         target,
-        XtsDecryptor(key, 512, chunk_bytes=512 * 64),
+        XtsDecryptor(key, 512, chunk_bytes=512 * 64, backend=backend),
         length=len(data),
         first_sector=77,
         chunk_bytes=512 * 64,
@@ -167,3 +290,24 @@ def test_stream_rejects_truncated_source() -> None:
             XtsDecryptor(bytes(64), 4096),
             length=8192,
         )
+
+
+def test_stream_numpy_overlapping_batches() -> None:
+    # The next batch is decrypted while the previous one is still running, so
+    # each batch needs its own numpy scratch buffers.
+    key = os.urandom(64)
+    data = os.urandom(8 * 1024 * 1024)
+    expected = XtsDecryptor(key, 4096, backend="openssl").decrypt(data, 5)
+    target = io.BytesIO()
+
+    decrypt_stream(
+        io.BytesIO(data),
+        target,
+        XtsDecryptor(key, 4096, chunk_bytes=64 * 1024, backend="numpy"),
+        length=len(data),
+        first_sector=5,
+        chunk_bytes=64 * 1024,
+        workers=4,
+    )
+
+    assert target.getvalue() == expected

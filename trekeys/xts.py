@@ -10,6 +10,11 @@ tweak key gives every sector's first tweak, and numpy expands the rest. The
 chunk is then XORed with the tweaks, decrypted with one AES-ECB call under
 the data key, and XORed again.
 
+That numpy path is the fallback. When a C compiler and libcrypto.so.3 are
+present, `trekeys.xts_native` builds a small loop that calls OpenSSL's own
+AES-XTS once per sector. It is several times faster, because the numpy tweak
+expansion costs about three times the AES itself.
+
 This is the one module that handles a raw volume key; callers pass it in
 from the vault and drop it when they are done.
 """
@@ -18,13 +23,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
 from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from trekeys import xts_native
 from trekeys.errors import IntegrityError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,7 @@ _2 = np.uint64(2)
 _7 = np.uint64(7)
 IV_SCHEMES = ("plain64", "plain")
 SECTOR_SIZES = (512, 1024, 2048, 4096)
+BACKENDS = ("openssl", "numpy")
 
 
 def _mul_alpha_pow(
@@ -77,9 +86,12 @@ class XtsDecryptor:
             ``iv_large_sectors``) instead of 512-byte units. LUKS2 volumes
             made by cryptsetup 2.x count in 512-byte units.
         chunk_bytes: the maximum number of bytes decrypted in one pass.
+        backend: ``openssl`` (the compiled loop), ``numpy``, or None for the
+            compiled loop when it builds and numpy otherwise.
 
     Raises:
-        IntegrityError: the key length, sector size or IV scheme is unsupported.
+        IntegrityError: the key length, sector size, IV scheme or backend is
+            unsupported, or the compiled backend was asked for and cannot build.
     """
 
     def __init__(
@@ -91,11 +103,14 @@ class XtsDecryptor:
         iv_offset: int = 0,
         large_iv: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        backend: str | None = None,
     ) -> None:
         _check_parameters(volume_key, sector_size, iv_scheme)
 
         self._settings = (volume_key, sector_size, iv_scheme, iv_offset, large_iv)
         self._chunk_bytes = chunk_bytes
+        self._native = _choose_backend(backend)
+        self.backend = "numpy" if self._native is None else "openssl"
         half = len(volume_key) // 2
         self._data = Cipher(algorithms.AES(volume_key[:half]), modes.ECB()).decryptor()
         self._tweak = Cipher(algorithms.AES(volume_key[half:]), modes.ECB()).encryptor()
@@ -105,6 +120,8 @@ class XtsDecryptor:
         self._iv_step = 1 if large_iv else sector_size // 512
         self._groups = sector_size // BLOCK // _GROUP
         self.chunk_sectors = max(1, chunk_bytes // sector_size)
+        if self._native is not None:
+            return  # the compiled loop needs no scratch buffers
 
         rows = self.chunk_sectors * self._groups
         self._tweaks = np.empty((rows, _GROUP, 2), dtype=np.uint64)
@@ -127,6 +144,7 @@ class XtsDecryptor:
             iv_offset=iv_offset,
             large_iv=large_iv,
             chunk_bytes=self._chunk_bytes,
+            backend=self.backend,
         )
 
     def decrypt(
@@ -161,6 +179,10 @@ class XtsDecryptor:
                 f"ciphertext of {size} bytes is not a whole number of "
                 f"{self.sector_size}-byte sectors; the volume image may be truncated."
             )
+        if self._native is not None:
+            self._decrypt_native(ciphertext, first_sector, output)
+            return
+
         source = np.frombuffer(ciphertext, dtype="<u8")
         target = np.frombuffer(output, dtype="<u8")
 
@@ -173,6 +195,35 @@ class XtsDecryptor:
                 source[start : start + words], sector, sectors, target[start:]
             )
             sector += sectors
+
+    def _decrypt_native(
+        self,
+        ciphertext: bytes | bytearray | memoryview,
+        first_sector: int,
+        output: bytearray | memoryview,
+    ) -> None:
+        """Decrypt with OpenSSL's AES-XTS, one call per sector, without the GIL."""
+        native = self._native
+        assert native is not None
+        key = self._settings[0]
+        first_iv = (first_sector * self._iv_step + self.iv_offset) % 2**64
+        status = native.lib.trekeys_xts_decrypt(
+            key,
+            len(key),
+            native.ffi.from_buffer(ciphertext),
+            native.ffi.from_buffer(output, require_writable=True),
+            len(ciphertext) // self.sector_size,
+            self.sector_size,
+            first_iv,
+            self._iv_step,
+            int(self.iv_scheme == "plain"),
+        )
+        if status != 0:
+            stage = {1: "context", 2: "key setup", 3: "sector"}.get(status, "call")
+            raise IntegrityError(
+                f"OpenSSL's AES-XTS failed at the {stage} step; retry with "
+                "backend='numpy' or recover this volume with device-mapper."
+            )
 
     def _decrypt_chunk(
         self, source: np.ndarray, first_sector: int, sectors: int, target: np.ndarray
@@ -247,6 +298,25 @@ class XtsDecryptor:
         np.bitwise_or(term, overflow, out=tweaks[..., 1])
 
 
+def _choose_backend(backend: str | None) -> ModuleType | None:
+    """Return the compiled module for ``openssl``, None for ``numpy``."""
+    if backend not in (None, *BACKENDS):
+        raise IntegrityError(
+            f"AES-XTS backend {backend!r} is unknown; use one of "
+            f"{', '.join(BACKENDS)}, or leave it unset."
+        )
+    if backend == "numpy":
+        return None
+
+    native = xts_native.load()
+    if native is None and backend == "openssl":
+        raise IntegrityError(
+            "the compiled AES-XTS backend could not be built (see the logged "
+            "warning); install a C compiler and libcrypto.so.3, or use numpy."
+        )
+    return native
+
+
 def _check_parameters(volume_key: bytes, sector_size: int, iv_scheme: str) -> None:
     if len(volume_key) not in (32, 64):
         raise IntegrityError(
@@ -292,8 +362,11 @@ def decrypt_stream(
     """Decrypt `length` bytes from `source` to `target` in chunks, bounding memory.
 
     Each of `workers` threads (the CPU count, at most 4, by default) decrypts
-    one chunk of every batch. numpy releases the GIL, so the tweak work runs
-    in parallel, while the AES calls of the cryptography package do not.
+    one chunk of every batch, in place. The compiled backend releases the GIL
+    for the whole chunk. On the numpy path only the tweak work runs in
+    parallel, because the AES calls of the cryptography package hold the GIL.
+    Two batch buffers take turns, so the next batch is read while the threads
+    decrypt the current one.
 
     Returns:
         The number of bytes written.
@@ -309,37 +382,58 @@ def decrypt_stream(
         )
     chunk = max(sector, chunk_bytes - chunk_bytes % sector)
     workers = workers or min(os.cpu_count() or 1, 4)
-    helpers = [decryptor] + [decryptor.clone() for _ in range(workers - 1)]
+    # Each buffer has its own decryptors, because the numpy path's scratch
+    # buffers cannot serve two batches at once.
+    helpers = [decryptor] + [decryptor.clone() for _ in range(2 * workers - 1)]
+    logger.info(
+        "decrypting %d bytes with the %s AES-XTS backend on %d threads",
+        length,
+        decryptor.backend,
+        workers,
+    )
 
     # Both buffers are reused for every batch, so memory stays bounded.
     batch = chunk * workers
-    incoming = bytearray(batch)
-    outgoing = bytearray(batch)
-    done = 0
+    buffers = (bytearray(batch), bytearray(batch))
+    queued: deque[tuple[memoryview, list[Future[None]]]] = deque()
+    read = done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while done < length:
-            wanted = min(batch, length - done)
-            view = memoryview(incoming)[:wanted]
-            got = source.readinto(view)
-            if got != wanted:
-                raise IntegrityError(
-                    f"the volume image ended after {done + (got or 0)} of {length} "
-                    "bytes of its data segment; it is truncated."
-                )
-            result = memoryview(outgoing)[:wanted]
-            jobs = [
-                pool.submit(
-                    helper.decrypt_into,
-                    view[start : start + chunk],
-                    first_sector + (done + start) // sector,
-                    result[start : start + chunk],
-                )
-                for helper, start in zip(helpers, range(0, wanted, chunk), strict=False)
-            ]
+            while read < length and len(queued) < len(buffers):
+                wanted = min(batch, length - read)
+                turn = read // batch % 2
+                view = memoryview(buffers[turn])[:wanted]
+                _read_exactly(source, view, read, length)
+                jobs = [
+                    pool.submit(
+                        helper.decrypt_into,
+                        view[start : start + chunk],
+                        first_sector + (read + start) // sector,
+                        view[start : start + chunk],
+                    )
+                    for helper, start in zip(
+                        helpers[turn * workers :],
+                        range(0, wanted, chunk),
+                        strict=False,
+                    )
+                ]
+                queued.append((view, jobs))
+                read += wanted
+
+            view, jobs = queued.popleft()
             for job in jobs:
                 job.result()
-            target.write(result)
-            done += wanted
+            target.write(view)
+            done += len(view)
             if progress is not None:
                 progress(done)
     return done
+
+
+def _read_exactly(source: Readable, view: memoryview, offset: int, length: int) -> None:
+    got = source.readinto(view)
+    if got != len(view):
+        raise IntegrityError(
+            f"the volume image ended after {offset + (got or 0)} of {length} "
+            "bytes of its data segment; it is truncated."
+        )
