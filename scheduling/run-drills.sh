@@ -19,7 +19,7 @@ lab=${TREKEYS_LAB:?set TREKEYS_LAB to the TRE folder}
 reports=${TREKEYS_REPORTS:?set TREKEYS_REPORTS to the reports folder}
 keep=${TREKEYS_KEEP:-12}
 
-"$trekeys" drill --lab "$lab" --out "$reports" "$@"
+"$trekeys" drill --safe-only --lab "$lab" --out "$reports" "$@"
 status=$?
 
 if [ -d "$reports" ]; then

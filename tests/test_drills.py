@@ -11,13 +11,22 @@ from click.testing import CliRunner
 
 from trekeys.cli import main
 from trekeys.custody import read_share_file
-from trekeys.drills import KERNEL_DIED, PASSED, TIMED_OUT, run_drills
+from trekeys.drills import (
+    KERNEL_DIED,
+    PASSED,
+    TIMED_OUT,
+    changes_keys,
+    run_drills,
+    select_notebooks,
+)
 from trekeys.errors import DrillError, IntegrityError, LabError
 from trekeys.lab import Lab
 from trekeys.signing import SIGNING_KEY_ID, ensure_signing_key, verify_run_folder
 
 
-def write_notebook(folder: Path, name: str, *cells: str, params: str = "") -> Path:
+def write_notebook(
+    folder: Path, name: str, *cells: str, params: str = "", mutating: bool = False
+) -> Path:
     """Write a runbook whose parameters cell declares lab_dir, then `cells`."""
     folder.mkdir(parents=True, exist_ok=True)
     parameters = nbformat.v4.new_code_cell(f'lab_dir = "lab"\n{params}')
@@ -30,6 +39,7 @@ def write_notebook(folder: Path, name: str, *cells: str, params: str = "") -> Pa
         "display_name": "Python 3",
         "language": "python",
     }
+    notebook.metadata["trekeys"] = {"changes_keys": mutating}
     path = folder / f"{name}.ipynb"
     nbformat.write(notebook, path)
     return path
@@ -532,3 +542,30 @@ def test_cli_report_verify_needs_trusted_key(bare_lab: Lab, books: Path, tmp_pat
     assert "give --fingerprint or --lab" in untrusted.output
     assert prefix.exit_code == 2
     assert "full fingerprint of 64 hex digits" in prefix.output
+
+
+def test_safe_only_skips_drills_that_change_keys(books: Path):
+    write_notebook(books, "60-rotate", "x = 1", mutating=True)
+
+    every = select_notebooks(None, books)
+    safe = select_notebooks(None, books, safe_only=True)
+
+    assert "rotate" in every
+    assert "rotate" not in safe
+    assert "ok" in safe
+
+
+def test_safe_only_rejects_named_drill_that_changes_keys(books: Path):
+    write_notebook(books, "60-rotate", "x = 1", mutating=True)
+
+    with pytest.raises(DrillError, match="drill rotate changes keys"):
+        select_notebooks(["rotate"], books, safe_only=True)
+
+
+def test_runbook_without_declaration_counts_as_changing_keys(tmp_path: Path):
+    path = write_notebook(tmp_path / "books", "10-old", "x = 1")
+    notebook = nbformat.read(path, as_version=4)
+    del notebook.metadata["trekeys"]
+    nbformat.write(notebook, path)
+
+    assert changes_keys(path) is True

@@ -105,3 +105,28 @@ def test_edited_audit_log_fails_vault_health(full_lab: Lab, tmp_path: Path):
     assert len(failing) == 1
     assert "audit_log.verify" in failing[0].source
     assert "line 2 was edited" in (folder / "vault-health.html").read_text()
+
+
+def test_notebook_rules_need_changes_keys_declaration(tmp_path: Path):
+    header = nbformat.v4.new_markdown_cell("# A runbook")
+    cell = nbformat.v4.new_code_cell("lab_dir = 'lab'")
+    cell.metadata["tags"] = ["parameters"]
+    end = nbformat.v4.new_code_cell("checks.show_summary()")
+    path = tmp_path / "10-undeclared.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[header, cell, end]), path)
+
+    problems = find_notebook_problems(path)
+
+    assert problems == [
+        "the metadata does not declare trekeys.changes_keys as true or false"
+    ]
+
+
+def test_safe_drills_cover_recovery_and_audit():
+    from trekeys.drills import changes_keys
+
+    safe = {name for name, path in NOTEBOOKS.items() if not changes_keys(path)}
+
+    assert {"vault-health", "volume-recovery", "backup-restore-drill"} <= safe
+    assert "compromise-response" not in safe
+    assert "custody-resplit" not in safe

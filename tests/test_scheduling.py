@@ -32,6 +32,7 @@ def write_notebook(folder: Path, name: str, source: str) -> None:
         "display_name": "Python 3",
         "language": "python",
     }
+    notebook.metadata["trekeys"] = {"changes_keys": False}
     nbformat.write(notebook, folder / f"{name}.ipynb")
 
 

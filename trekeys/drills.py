@@ -136,15 +136,48 @@ def discover_notebooks(folder: Path | None = None) -> dict[str, Path]:
     return {name: path for _, name, path in sorted(found)}
 
 
+def changes_keys(path: Path) -> bool:
+    """Return whether a runbook creates, rotates or destroys keys.
+
+    Each runbook says so in its notebook metadata (``trekeys.changes_keys``);
+    one that does not say is treated as changing keys.
+    """
+    metadata = nbformat.read(path, as_version=4).metadata
+    return bool(metadata.get("trekeys", {}).get("changes_keys", True))
+
+
 def select_notebooks(
-    names: Sequence[str] | None, folder: Path | None = None
+    names: Sequence[str] | None,
+    folder: Path | None = None,
+    *,
+    safe_only: bool = False,
 ) -> dict[str, Path]:
     """Return the runbooks named in `names`, or all of them, in run order.
 
+    With `safe_only`, only runbooks that change no key are chosen, so that a
+    scheduled run against a live TRE only reads, recovers into scratch space
+    and audits.
+
     Raises:
-        DrillError: a name is unknown (the message lists the known names), or
-            there is no runbook at all.
+        DrillError: a name is unknown (the message lists the known names), a
+            named runbook changes keys while `safe_only` is set, or there is
+            no runbook at all.
     """
+    chosen = _select_by_name(names, folder)
+    if not safe_only:
+        return chosen
+    unsafe = [name for name, path in chosen.items() if changes_keys(path)]
+    if names and unsafe:
+        raise DrillError(
+            f"drill {', '.join(unsafe)} changes keys, so it does not run with "
+            "--safe-only; run it without that option, on purpose."
+        )
+    return {name: path for name, path in chosen.items() if name not in unsafe}
+
+
+def _select_by_name(
+    names: Sequence[str] | None, folder: Path | None
+) -> dict[str, Path]:
     available = discover_notebooks(folder)
     if not available:
         raise DrillError(
@@ -233,6 +266,7 @@ def run_drills(
     on_start: Callable[[str], None] | None = None,
     on_finish: Callable[[DrillResult], None] | None = None,
     require_approved: bool = False,
+    safe_only: bool = False,
 ) -> RunResult:
     """Run the chosen runbooks against a lab and write their reports.
 
@@ -248,6 +282,8 @@ def run_drills(
         on_finish: called with each result after it ran.
         require_approved: reject runbooks that are not in their approved
             version (see `trekeys.approvals`) before anything runs.
+        safe_only: run only the runbooks that change no key (see
+            `select_notebooks`).
 
     Raises:
         LabError: `lab_dir` is missing or not a lab.
@@ -258,7 +294,7 @@ def run_drills(
     from trekeys import reports
 
     lab = Lab.load(lab_dir)
-    chosen = select_notebooks(names, notebooks_folder)
+    chosen = select_notebooks(names, notebooks_folder, safe_only=safe_only)
     per_drill = parameters_for_drills(chosen, dict(parameters or {}))
     pins = approvals.pin_runbooks(chosen)
     if require_approved:

@@ -52,4 +52,9 @@ def find_notebook_problems(path: Path) -> list[str]:
         problems.append("the first cell is not a markdown header with a '# ' title")
     if "show_summary()" not in "".join(c.source for c in notebook.cells[-2:]):
         problems.append("the notebook does not end with checks.show_summary()")
+    declared = notebook.metadata.get("trekeys", {}).get("changes_keys")
+    if not isinstance(declared, bool):
+        problems.append(
+            "the metadata does not declare trekeys.changes_keys as true or false"
+        )
     return problems

@@ -14,6 +14,7 @@ from trekeys.drillparams import parse_parameter_options
 from trekeys.drills import (
     DEFAULT_TIMEOUT_SECONDS,
     DrillResult,
+    changes_keys,
     discover_notebooks,
     run_drills,
     select_notebooks,
@@ -66,20 +67,34 @@ def register(main: click.Group) -> None:
     is_flag=True,
     help="Reject any chosen runbook that is not in its approved version.",
 )
+@click.option(
+    "--safe-only",
+    is_flag=True,
+    help="Run only the drills that change no key: recovery, restore and audit "
+    "drills. Use it for scheduled runs against a live TRE.",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the drills and exit.")
 def drill(
-    names, lab_dir, out_dir, param_options, timeout, require_approved, list_only
+    names,
+    lab_dir,
+    out_dir,
+    param_options,
+    timeout,
+    require_approved,
+    safe_only,
+    list_only,
 ) -> None:
     """Run the named drills (all by default) and write reports; exit 1 if any fails."""
     if list_only:
-        for name in discover_notebooks():
-            click.echo(name)
+        for name, path in discover_notebooks().items():
+            kind = "changes keys" if changes_keys(path) else "safe"
+            click.echo(f"{name:24} {kind}")
         return
 
     from tqdm.std import tqdm
 
     parameters = parse_parameter_options(param_options)
-    total = len(names) or len(discover_notebooks())
+    total = len(select_notebooks(names or None, safe_only=safe_only))
     bars: list[tqdm] = []
 
     # The bar starts with the first drill, after every input was checked, so
@@ -102,6 +117,7 @@ def drill(
             on_start=on_start,
             on_finish=on_finish,
             require_approved=require_approved,
+            safe_only=safe_only,
         )
     finally:
         for bar in bars:
