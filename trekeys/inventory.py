@@ -107,9 +107,12 @@ def vault_strength_check(vault: Vault) -> tuple[bool, str]:
     """Check the policy rule: the vault is at least as strong as every key it holds."""
     strongest = strength_bits_of(vault.get(key_id) for key_id in vault.ids())
     holds = strongest <= VAULT_STRENGTH_BITS
+    # The composite key is a random 256-bit secret, not a passphrase, so its
+    # strength does not rest on the KDF; the KDF only slows each guess further.
     message = (
-        f"vault protection {VAULT_STRENGTH_BITS} bits (256-bit master secret, AES-256 "
-        f"or ChaCha20 payload); strongest key held {strongest} bits: "
+        f"vault protection {VAULT_STRENGTH_BITS} bits (random 256-bit master "
+        f"secret, AES-256 or ChaCha20 payload; KDF {vault.kdf_description}, which "
+        f"this strength does not depend on); strongest key held {strongest} bits: "
         + ("meets the policy" if holds else "VIOLATES the policy")
     )
     return holds, message
