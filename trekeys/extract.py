@@ -1,6 +1,8 @@
 """Extract a tar stream into a folder, hashing every file as it is written.
 
-Restores read the tar stream straight from gpg's output. Files are written by
+Restores read the tar stream straight from gpg's output with `TarStream`,
+which hands out each file's data as the 1 MiB pieces read from the pipe.
+Files are written by
 a second thread (`FileWriter`) fed through a queue of at most
 `QUEUE_CHUNKS` chunks, so disk writes overlap with decryption while memory
 stays bounded. Member names are checked so that nothing lands outside the
@@ -23,10 +25,11 @@ from typing import IO, Any
 
 from trekeys.archive import INNER_MANIFEST
 from trekeys.errors import IntegrityError, RestoreWriteError
+from trekeys.tarstream import TarStream
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 18
+CHUNK = 1 << 20
 QUEUE_CHUNKS = 16
 
 # Takes the bytes of an authorized_keys file and returns the bytes to write
@@ -138,11 +141,9 @@ def extract_stream(
     """
     writer = FileWriter()
     try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-            for member in tar:
-                _extract_member(
-                    tar, member, staging, user, keys_filter, extracted, writer
-                )
+        tar = TarStream(stream, CHUNK)
+        for member in tar:
+            _extract_member(tar, member, staging, user, keys_filter, extracted, writer)
     except BaseException:
         try:
             writer.finish()
@@ -154,7 +155,7 @@ def extract_stream(
 
 
 def _extract_member(
-    tar: tarfile.TarFile,
+    tar: TarStream,
     member: tarfile.TarInfo,
     staging: Path,
     user: str | None,
@@ -164,7 +165,7 @@ def _extract_member(
 ) -> None:
     name = checked_name(member.name)
     if name == INNER_MANIFEST:
-        data = read_member(tar, member)
+        data = tar.read_all()
         extracted.manifest = json.loads(data)
         extracted.manifest_sha256 = hashlib.sha256(data).hexdigest()
         return
@@ -192,16 +193,8 @@ def checked_name(name: str) -> str:
     return path.as_posix()
 
 
-def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    """Return the data of a small member of a tar stream."""
-    handle = tar.extractfile(member)
-    if handle is None:
-        raise IntegrityError(f"backup member {member.name} has no data.")
-    return handle.read()
-
-
 def _write_member(
-    tar: tarfile.TarFile,
+    tar: TarStream,
     member: tarfile.TarInfo,
     destination: Path,
     name: str,
@@ -215,15 +208,11 @@ def _write_member(
             f"backup member {name} passes through a symbolic link; the archive "
             "is not a trekeys backup, so do not restore it."
         )
-    source = tar.extractfile(member)
-    if source is None:
-        raise IntegrityError(f"backup member {name} has no data.")
-
     # The digest covers the bytes as backed up, so the manifest check also
     # passes for an authorized_keys file whose revoked keys are left out.
     writer.open(destination, name, member)
     if keys_filter is not None and name.endswith(".ssh/authorized_keys"):
-        data = source.read()
+        data = tar.read_all()
         kept, removed = keys_filter(data)
         writer.write(data, hash_only=True)
         writer.write(kept, write_only=True)
@@ -231,6 +220,6 @@ def _write_member(
             extracted.filtered.add(name)
             extracted.removed_ssh_keys.extend(f"{name}: {r}" for r in removed)
     else:
-        while chunk := source.read(CHUNK):
+        for chunk in tar.chunks():
             writer.write(chunk)
     writer.close_file()
