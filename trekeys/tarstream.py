@@ -10,8 +10,8 @@ bytes objects read from the pipe, so each byte is copied once.
 
 Only what trekeys backups contain is read: regular files, folders, symbolic
 links and pax headers. GNU long-name members and sparse files raise
-`tarfile.ReadError`, and other member types are skipped with their data. A short stream raises
-`tarfile.ReadError`, like tarfile does.
+`tarfile.ReadError`, and other member types are skipped with their data. A
+short stream raises `tarfile.ReadError`, like tarfile does.
 """
 
 from __future__ import annotations
