@@ -474,6 +474,33 @@ def test_restore_rejects_member_outside_target(lab: Lab, vault: Vault) -> None:
         evil = lab.root / "evil.txt"
         evil.write_text("outside")
         tar.add(evil, arcname="../evil.txt")
+    _replace_archive(lab, latest, crafted)
+    target = lab.work_dir / "restore" / "target"
+
+    with pytest.raises(IntegrityError, match="points outside the restore folder"):
+        restore.restore_backup(lab, vault, latest, key_id="gpg/admin", target=target)
+    assert not target.exists()
+    assert not (lab.work_dir / "restore" / "evil.txt").exists()
+    assert not (lab.work_dir / "evil.txt").exists()
+
+
+def test_restore_rejects_gnu_long_name_member(lab: Lab, vault: Vault) -> None:
+    latest = backup.find_backup(lab, "alpha")
+    crafted = lab.root / "crafted-long.tar"
+    note = lab.root / "note.txt"
+    note.write_text("long name")
+    with tarfile.open(crafted, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(note, arcname="user0/" + "n" * 120)
+    _replace_archive(lab, latest, crafted)
+    target = lab.work_dir / "restore-long" / "target"
+
+    with pytest.raises(IntegrityError, match="restore from another backup"):
+        restore.restore_backup(lab, vault, latest, key_id="gpg/admin", target=target)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def _replace_archive(lab: Lab, latest: backup.Backup, crafted: Path) -> None:
     command = gpgkeys.gpg_command(
         gpgkeys.public_home(lab),
         "--trust-model",
@@ -488,10 +515,3 @@ def test_restore_rejects_member_outside_target(lab: Lab, vault: Vault) -> None:
     # Whoever can write the archive can also edit the manifest beside it.
     latest.manifest["archive_bytes"] = latest.archive.stat().st_size
     backup.write_json_atomically(latest.manifest_path, latest.manifest)
-    target = lab.work_dir / "restore" / "target"
-
-    with pytest.raises(IntegrityError, match="points outside the restore folder"):
-        restore.restore_backup(lab, vault, latest, key_id="gpg/admin", target=target)
-    assert not target.exists()
-    assert not (lab.work_dir / "restore" / "evil.txt").exists()
-    assert not (lab.work_dir / "evil.txt").exists()

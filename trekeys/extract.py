@@ -1,10 +1,11 @@
 """Extract a tar stream into a folder, hashing every file as it is written.
 
-Restores read the tar stream straight from gpg's output. Files are written by
-a second thread (`FileWriter`) fed through a queue of at most
-`QUEUE_CHUNKS` chunks, so disk writes overlap with decryption while memory
-stays bounded. Member names are checked so that nothing lands outside the
-target folder.
+Restores read the tar stream straight from gpg's output with `TarStream`,
+which hands out each file's data as the 1 MiB pieces read from the pipe. The
+reading thread hashes each piece, and a second thread (`FileWriter`) writes it,
+fed through a queue of at most `QUEUE_CHUNKS` chunks, so disk writes overlap
+with decryption and hashing while memory stays bounded. Member names are
+checked so that nothing lands outside the target folder.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import IO, Any
 
 from trekeys.archive import INNER_MANIFEST
 from trekeys.errors import IntegrityError, RestoreWriteError
+from trekeys.tarstream import TarStream
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 18
+CHUNK = 1 << 20
 QUEUE_CHUNKS = 16
 
 # Takes the bytes of an authorized_keys file and returns the bytes to write
@@ -46,10 +48,11 @@ class Extracted:
 
 
 class FileWriter:
-    """Hash and write files in a second thread, fed through a bounded queue.
+    """Write files in a second thread, fed through a bounded queue.
 
-    Hashing here rather than in the thread that parses the tar stream spreads
-    the work over two cores; hashlib and os.write release the GIL.
+    The calling thread hashes each chunk before queueing it, so reading and
+    hashing overlap with the disk writes: hashlib and os.write release the
+    GIL on large buffers.
 
     Attributes:
         files: each finished file's name, mapped to its size and SHA-256.
@@ -57,6 +60,9 @@ class FileWriter:
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[int, str]] = {}
+        self._digest = hashlib.sha256()
+        self._name = ""
+        self._size = 0
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(QUEUE_CHUNKS)
         self._error: OSError | None = None
         self._finished = False
@@ -64,15 +70,22 @@ class FileWriter:
         self._thread.start()
 
     def open(self, path: Path, name: str, member: tarfile.TarInfo) -> None:
-        self._put(("open", (path, name, member)))
+        self._digest = hashlib.sha256()
+        self._name = name
+        self._size = member.size
+        self._put(("open", (path, member)))
 
     def write(
         self, data: bytes, *, hash_only: bool = False, write_only: bool = False
     ) -> None:
-        """Queue `data` to be hashed and written, or only one of the two."""
-        self._put(("data", (data, not write_only, not hash_only)))
+        """Hash `data` and queue it to be written, or do only one of the two."""
+        if not write_only:
+            self._digest.update(data)
+        if not hash_only:
+            self._put(("data", data))
 
     def close_file(self) -> None:
+        self.files[self._name] = (self._size, self._digest.hexdigest())
         self._put(("close", None))
 
     def finish(self) -> None:
@@ -93,30 +106,24 @@ class FileWriter:
         self._queue.put(item)
 
     def _run(self) -> None:
-        fd, path, name, member = -1, Path(), "", tarfile.TarInfo()
-        digest = hashlib.sha256()
+        fd, path, member = -1, Path(), tarfile.TarInfo()
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue
             kind, value = item
             try:
                 if kind == "open":
-                    path, name, member = value
-                    digest = hashlib.sha256()
+                    path, member = value
                     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                     fd = os.open(path, flags, member.mode & 0o777)
                 elif kind == "data":
-                    data, hash_it, write_it = value
-                    if hash_it:
-                        digest.update(data)
-                    view = memoryview(data) if write_it else memoryview(b"")
+                    view = memoryview(value)
                     while view:
                         view = view[os.write(fd, view) :]
                 else:
                     os.close(fd)
                     fd = -1
                     os.utime(path, (member.mtime, member.mtime))
-                    self.files[name] = (member.size, digest.hexdigest())
             except OSError as exc:
                 self._error = exc
         if fd >= 0:
@@ -138,11 +145,9 @@ def extract_stream(
     """
     writer = FileWriter()
     try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-            for member in tar:
-                _extract_member(
-                    tar, member, staging, user, keys_filter, extracted, writer
-                )
+        tar = TarStream(stream, CHUNK)
+        for member in tar:
+            _extract_member(tar, member, staging, user, keys_filter, extracted, writer)
     except BaseException:
         try:
             writer.finish()
@@ -154,7 +159,7 @@ def extract_stream(
 
 
 def _extract_member(
-    tar: tarfile.TarFile,
+    tar: TarStream,
     member: tarfile.TarInfo,
     staging: Path,
     user: str | None,
@@ -164,7 +169,7 @@ def _extract_member(
 ) -> None:
     name = checked_name(member.name)
     if name == INNER_MANIFEST:
-        data = read_member(tar, member)
+        data = tar.read_all()
         extracted.manifest = json.loads(data)
         extracted.manifest_sha256 = hashlib.sha256(data).hexdigest()
         return
@@ -192,16 +197,8 @@ def checked_name(name: str) -> str:
     return path.as_posix()
 
 
-def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    """Return the data of a small member of a tar stream."""
-    handle = tar.extractfile(member)
-    if handle is None:
-        raise IntegrityError(f"backup member {member.name} has no data.")
-    return handle.read()
-
-
 def _write_member(
-    tar: tarfile.TarFile,
+    tar: TarStream,
     member: tarfile.TarInfo,
     destination: Path,
     name: str,
@@ -215,15 +212,11 @@ def _write_member(
             f"backup member {name} passes through a symbolic link; the archive "
             "is not a trekeys backup, so do not restore it."
         )
-    source = tar.extractfile(member)
-    if source is None:
-        raise IntegrityError(f"backup member {name} has no data.")
-
     # The digest covers the bytes as backed up, so the manifest check also
     # passes for an authorized_keys file whose revoked keys are left out.
     writer.open(destination, name, member)
     if keys_filter is not None and name.endswith(".ssh/authorized_keys"):
-        data = source.read()
+        data = tar.read_all()
         kept, removed = keys_filter(data)
         writer.write(data, hash_only=True)
         writer.write(kept, write_only=True)
@@ -231,6 +224,6 @@ def _write_member(
             extracted.filtered.add(name)
             extracted.removed_ssh_keys.extend(f"{name}: {r}" for r in removed)
     else:
-        while chunk := source.read(CHUNK):
+        for chunk in tar.chunks():
             writer.write(chunk)
     writer.close_file()

@@ -46,10 +46,10 @@ from trekeys.extract import (
     Extracted,
     checked_name,
     extract_stream,
-    read_member,
 )
 from trekeys.lab import Lab
 from trekeys.records import utcnow
+from trekeys.tarstream import TarStream
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
@@ -212,11 +212,11 @@ def read_backup_members(
     found: dict[str, bytes] = {}
 
     def consume(stream: IO[bytes]) -> None:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-            for member in tar:
-                name = checked_name(member.name)
-                if member.isfile() and wanted(name):
-                    found[name] = read_member(tar, member)
+        tar = TarStream(stream, CHUNK)
+        for member in tar:
+            name = checked_name(member.name)
+            if member.isfile() and wanted(name):
+                found[name] = tar.read_all()
 
     passphrase = gpgkeys.read_passphrase(vault, key_id, f"read {backup.reference}")
     try:
