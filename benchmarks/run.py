@@ -16,8 +16,11 @@ from benchmarks.common import Ratio
 
 def discover() -> list[str]:
     folder = Path(__file__).parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(folder)])
-                  if m.name.startswith("bench_"))
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules([str(folder)])
+        if m.name.startswith("bench_")
+    )
 
 
 def main() -> int:
@@ -33,12 +36,16 @@ def main() -> int:
         module = importlib.import_module(f"benchmarks.{name}")
         results.extend(module.measure(args.quick))
 
-    print(f"{'measurement':58} {'trekeys':>10} {'reference':>10} {'unit':7} "
-          f"{'ratio':>7}  target")
+    print(
+        f"{'measurement':58} {'trekeys':>10} {'reference':>10} {'unit':7} "
+        f"{'ratio':>7}  target"
+    )
     for r in results:
         verdict = "met" if r.passed else "MISSED"
-        print(f"{r.name:58} {r.measured:10.3f} {r.reference:10.3f} {r.unit:7} "
-              f"{r.ratio:7.3f}  {r.target} ({verdict})")
+        print(
+            f"{r.name:58} {r.measured:10.3f} {r.reference:10.3f} {r.unit:7} "
+            f"{r.ratio:7.3f}  {r.target} ({verdict})"
+        )
     return 0 if all(r.passed for r in results) else 1
 
 

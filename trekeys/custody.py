@@ -82,13 +82,19 @@ def split_master_secret(
     if len(set(custodians)) != len(custodians):
         raise ShareError("each custodian may appear once; remove the duplicate.")
 
+    # SLIP-39 forbids a 1-of-n member group with n > 1, so a threshold of 1
+    # becomes n groups of one share each, any one group rebuilding the secret.
+    if threshold == 1:
+        layout = [(1, 1)] * len(custodians)
+    else:
+        layout = [(threshold, len(custodians))]
     groups = shamir_mnemonic.generate_mnemonics(
         group_threshold=1,
-        groups=[(threshold, len(custodians))],
+        groups=layout,
         master_secret=master_secret,
         iteration_exponent=0,
     )
-    mnemonics = groups[0]
+    mnemonics = [share for group in groups for share in group]
     identifier = _split_identifier(mnemonics[0])
     logger.info(
         "split the master secret %s into %d shares, threshold %d",
@@ -121,9 +127,21 @@ def combine_shares(mnemonics: Iterable[str]) -> bytes:
         )
 
     try:
-        return shamir_mnemonic.combine_mnemonics(words)
+        return shamir_mnemonic.combine_mnemonics(_one_group(words))
     except MnemonicError as exc:
         raise _share_error(str(exc)) from exc
+
+
+def _one_group(words: list[str]) -> list[str]:
+    # With a threshold of 1 every share is its own group and any one suffices;
+    # SLIP-39 rejects more groups than its group threshold, so keep the first.
+    shares = [shamir_mnemonic.share.Share.from_mnemonic(m) for m in words]
+    if shares[0].group_threshold != 1 or shares[0].group_count == 1:
+        return words
+    first_group = shares[0].group_index
+    return [
+        m for m, s in zip(words, shares, strict=True) if s.group_index == first_group
+    ]
 
 
 def _share_error(detail: str) -> CredentialError:

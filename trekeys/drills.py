@@ -1,38 +1,70 @@
-"""Run runbook notebooks headless with papermill and write the evidence reports.
+"""Run runbook notebooks headless with papermill and judge their outcome.
 
-Each run writes a new dated folder under the reports folder with every
-executed notebook, its HTML rendering, a ``summary.json`` and the checks each
-notebook recorded. ``index.html`` at the top lists every run, newest first.
+`run_drills` checks every input before anything runs (the lab, the drill
+names, the parameters against each notebook's ``parameters`` cell, the report
+folder), executes each notebook in a new dated run folder, and hands the run
+to `trekeys.reports`, which writes the summary, the HTML renderings, the
+secret scan, the signed manifest and the index.
+
+A drill passes only when papermill raised nothing, the executed notebook
+holds no error output and every check it recorded passed. A drill that runs
+longer than its timeout, in total and not only per cell, is stopped by
+killing its kernel and reported as "timed out"; a kernel that dies on its own
+is reported as "kernel died". In both cases the cell that was running gets
+an error output, so that the executed notebook shows where the drill stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
+from trekeys.audit import AuditLog
+from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
 from trekeys.lab import Lab
 from trekeys.records import utcnow
 from trekeys.runbook import CHECKS_FILE_ENV
+from trekeys.vault import audit_log_path
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 900
 _NOTEBOOK_NAME = re.compile(r"^(\d+)-([a-z0-9-]+)\.ipynb$")
 
+# Outcomes of one drill, as written to summary.json and the index.
+PASSED = "passed"
+FAILED = "failed"
+TIMED_OUT = "timed out"
+KERNEL_DIED = "kernel died"
+
 
 @dataclass
 class DrillResult:
-    """The outcome of one notebook run."""
+    """The outcome of one notebook run.
+
+    Attributes:
+        name: the drill name, such as ``vault-health``.
+        notebook: the runbook's file name.
+        parameters: the parameters papermill injected.
+        started, ended: UTC times in ISO 8601.
+        outcome: passed, failed, timed out or kernel died.
+        error: one line on why the drill did not pass.
+        checks: every check the notebook recorded, in order.
+        audit_range: the first and last audit log sequence numbers the drill wrote.
+        keys_touched: id, fingerprint, algorithm and operations of each key the
+            drill used, from the audit log; never material.
+    """
 
     name: str
     notebook: str
@@ -42,18 +74,36 @@ class DrillResult:
     outcome: str = "not run"
     error: str = ""
     checks: list[dict[str, Any]] = field(default_factory=list)
+    audit_range: list[int] = field(default_factory=list)
+    keys_touched: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class RunResult:
-    """The outcome of one `run_drills` call."""
+    """The outcome of one `run_drills` call.
+
+    Attributes:
+        folder: the dated run folder.
+        drills: one result per drill, in run order.
+        started, ended: UTC times of the whole run.
+        evidence: who ran it, where, tool versions and KDF and cipher settings.
+        secret_scan: findings of the scan for vault secrets in the reports.
+        errors: problems of the run as a whole, such as a failed secret scan.
+    """
 
     folder: Path
     drills: list[DrillResult]
+    started: str = ""
+    ended: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    secret_scan: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.drills) and all(d.outcome == "passed" for d in self.drills)
+        """Whether every drill passed and the run as a whole found no problem."""
+        drills_passed = all(d.outcome == PASSED for d in self.drills)
+        return bool(self.drills) and drills_passed and not self.errors
 
 
 def notebooks_dir() -> Path:
@@ -78,12 +128,18 @@ def discover_notebooks(folder: Path | None = None) -> dict[str, Path]:
 def select_notebooks(
     names: Sequence[str] | None, folder: Path | None = None
 ) -> dict[str, Path]:
-    """Return the runbooks named in `names`, or all of them.
+    """Return the runbooks named in `names`, or all of them, in run order.
 
     Raises:
-        DrillError: a name is unknown; the message lists the known names.
+        DrillError: a name is unknown (the message lists the known names), or
+            there is no runbook at all.
     """
     available = discover_notebooks(folder)
+    if not available:
+        raise DrillError(
+            f"no runbook notebooks in {folder or notebooks_dir()}; "
+            "set TREKEYS_NOTEBOOKS to the notebooks folder."
+        )
     if not names:
         return available
     unknown = [n for n in names if n not in available]
@@ -95,7 +151,11 @@ def select_notebooks(
 
 
 def new_run_folder(out_root: Path) -> Path:
-    """Create a new dated folder under `out_root`, never reusing an existing one."""
+    """Create a new dated folder under `out_root`, never reusing an existing one.
+
+    Raises:
+        DrillError: `out_root` cannot be created or written.
+    """
     try:
         out_root.mkdir(parents=True, exist_ok=True)
         probe = out_root / f".write-test-{os.getpid()}"
@@ -115,7 +175,9 @@ def new_run_folder(out_root: Path) -> Path:
             return folder
         except FileExistsError:
             continue
-    raise DrillError(f"could not create a new run folder in {out_root}.")
+    raise DrillError(
+        f"could not create a new run folder in {out_root}; wait a second and retry."
+    )
 
 
 def run_drills(
@@ -123,85 +185,223 @@ def run_drills(
     out_root: Path,
     *,
     names: Sequence[str] | None = None,
-    parameters: dict[str, Any] | None = None,
-    timeout: int = DEFAULT_TIMEOUT_SECONDS,
-    on_progress: Callable[[str], None] | None = None,
+    parameters: Mapping[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    notebooks_folder: Path | None = None,
+    on_start: Callable[[str], None] | None = None,
+    on_finish: Callable[[DrillResult], None] | None = None,
 ) -> RunResult:
     """Run the chosen runbooks against a lab and write their reports.
 
+    Args:
+        lab_dir: the TRE folder the drills run against.
+        out_root: the reports folder; each run gets a new dated folder in it.
+        names: drill names; all runbooks when empty.
+        parameters: ``name: value`` text from the command line, converted to
+            the type of each notebook's default.
+        timeout: seconds a whole notebook may run before it is stopped.
+        notebooks_folder: where the runbooks are; `notebooks_dir()` by default.
+        on_start: called with each drill name before it runs.
+        on_finish: called with each result after it ran.
+
     Raises:
-        LabError: `lab_dir` is not a lab.
-        DrillError: a name is unknown or the reports folder is not writable.
+        LabError: `lab_dir` is missing or not a lab.
+        DrillError: a name or parameter is invalid, or the reports folder is
+            not writable. Nothing has run when these are raised.
     """
+    from trekeys import reports
+
     lab = Lab.load(lab_dir)
-    chosen = select_notebooks(names)
-    folder = new_run_folder(Path(out_root))
+    chosen = select_notebooks(names, notebooks_folder)
+    per_drill = parameters_for_drills(chosen, dict(parameters or {}))
+    if timeout <= 0:
+        raise DrillError(f"timeout {timeout} is invalid; give a positive number.")
+    folder = new_run_folder(Path(out_root).absolute())
 
-    results = []
+    run = RunResult(folder, [], started=utcnow().isoformat())
     for name, path in chosen.items():
-        if on_progress is not None:
-            on_progress(name)
-        params = {"lab_dir": str(lab.root), **(parameters or {})}
-        results.append(run_notebook(name, path, folder, params, timeout))
+        if on_start is not None:
+            on_start(name)
+        params = {**per_drill[name], "lab_dir": str(lab.root)}
+        result = run_notebook(name, path, folder, params, timeout, lab=lab)
+        run.drills.append(result)
+        if on_finish is not None:
+            on_finish(result)
 
-    run = RunResult(folder, results)
-    write_summary(run)
-    write_index(Path(out_root))
+    reports.finish_run(run, lab, Path(out_root))
     return run
 
 
 def run_notebook(
-    name: str, path: Path, folder: Path, parameters: dict[str, Any], timeout: int
+    name: str,
+    path: Path,
+    folder: Path,
+    parameters: dict[str, Any],
+    timeout: float,
+    *,
+    lab: Lab | None = None,
 ) -> DrillResult:
-    """Execute one notebook with papermill and render it to HTML."""
-    import papermill
-
+    """Execute one notebook with papermill into `folder` and judge its outcome."""
     result = DrillResult(name, path.name, parameters, utcnow().isoformat())
     output = folder / f"{name}.ipynb"
     checks_file = folder / f"{name}.checks.jsonl"
+    audit = AuditLog(audit_log_path(lab.vault_path)) if lab else None
+    first_seq = audit.tail()[0] + 1 if audit else 0
+
+    started = time.monotonic()
     previous = os.environ.get(CHECKS_FILE_ENV)
     os.environ[CHECKS_FILE_ENV] = str(checks_file)
-    started = time.monotonic()
     try:
-        papermill.execute_notebook(
-            str(path),
-            str(output),
-            parameters=parameters,
-            kernel_name="python3",
-            execution_timeout=timeout,
-            progress_bar=False,
-            cwd=str(folder),
-            report_mode=False,
-        )
-        result.outcome = "passed"
-    except Exception as exc:  # papermill raises several types for a failed run
-        result.outcome = "timed out" if "Timeout" in type(exc).__name__ else "failed"
-        result.error = _short_error(exc)
-        logger.warning("drill %s %s: %s", name, result.outcome, result.error)
+        result.outcome, result.error = _execute(path, output, parameters, timeout)
     finally:
         _restore_env(CHECKS_FILE_ENV, previous)
 
     result.ended = utcnow().isoformat()
     result.checks = _read_checks(checks_file)
-    if result.outcome == "passed" and _has_error_output(output):
-        result.outcome = "failed"
-        result.error = "the executed notebook records an error"
-    if result.outcome == "passed" and any(not c["passed"] for c in result.checks):
-        result.outcome = "failed"
-    _render_html(output)
+    checks_file.unlink(missing_ok=True)
+    if audit is not None:
+        result.audit_range = [first_seq, audit.tail()[0]]
+    _judge_outputs(result, output)
     logger.info(
         "drill %s %s in %.1f s", name, result.outcome, time.monotonic() - started
     )
     return result
 
 
-def _short_error(exc: Exception) -> str:
-    text = getattr(exc, "evalue", None) or str(exc)
-    return (
-        str(text).strip().splitlines()[-1][:500]
-        if str(text).strip()
-        else type(exc).__name__
+def _execute(
+    path: Path, output: Path, parameters: dict[str, Any], timeout: float
+) -> tuple[str, str]:
+    """Run papermill with a watchdog that kills the kernel after `timeout` seconds."""
+    import papermill
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    managers: list[AsyncKernelManager] = []
+
+    class TrackedKernelManager(AsyncKernelManager):
+        """A kernel manager that the watchdog below can find and stop."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            # IPC sockets in the runtime folder: no TCP port opens at all.
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+            managers.append(self)
+
+    stopped = threading.Event()
+
+    def stop_kernel() -> None:
+        stopped.set()
+        for manager in managers:
+            _kill_kernel(manager)
+
+    watchdog = threading.Timer(timeout, stop_kernel)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(output),
+            parameters=parameters,
+            kernel_name="python3",
+            execution_timeout=int(timeout) + 1,
+            progress_bar=False,
+            cwd=str(output.parent),
+            kernel_manager_class=TrackedKernelManager,
+        )
+    except PapermillExecutionError as exc:
+        return FAILED, f"{exc.ename}: {_last_line(exc.evalue)}"
+    except (DeadKernelError, CellTimeoutError) as exc:
+        if stopped.is_set() or isinstance(exc, CellTimeoutError):
+            message = f"the drill ran longer than its timeout of {timeout:g} s"
+            _mark_stopped_cell(output, "DrillTimeout", message)
+            return TIMED_OUT, message
+        message = "the kernel died while a cell ran (crash, out of memory or killed)"
+        _mark_stopped_cell(output, "DeadKernel", message)
+        return KERNEL_DIED, message
+    except Exception as exc:  # papermill and nbclient raise many types on bad input
+        logger.warning("drill %s could not run: %s", path.name, exc)
+        return FAILED, f"{type(exc).__name__}: {_last_line(str(exc))}"
+    finally:
+        watchdog.cancel()
+    return PASSED, ""
+
+
+def _kill_kernel(manager: Any) -> None:
+    # The kernel runs in its own session (jupyter_client starts it that way), so
+    # killing its process group also stops the tools a cell started.
+    provisioner = getattr(manager, "provisioner", None)
+    pid = getattr(provisioner, "pid", None)
+    if not pid:
+        return
+    logger.warning("stopping kernel process %d: the drill timed out", pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _mark_stopped_cell(output: Path, ename: str, message: str) -> None:
+    """Give the cell that was running an error output and flag it at the top."""
+    if not output.exists():
+        return
+    notebook = nbformat.read(output, as_version=4)
+    started = [
+        index
+        for index, cell in enumerate(notebook.cells)
+        if cell.get("metadata", {}).get("papermill", {}).get("start_time")
+    ]
+    if not started:
+        return
+
+    index = started[-1]
+    cell = notebook.cells[index]
+    cell.metadata.papermill["status"] = "failed"
+    cell.metadata.papermill["exception"] = True
+    cell.setdefault("outputs", []).append(
+        nbformat.v4.new_output(
+            "error", ename=ename, evalue=message, traceback=[f"{ename}: {message}"]
+        )
     )
+    banner = nbformat.v4.new_markdown_cell(
+        f'<span style="color:red; font-size:2em">{message}: the drill stopped '
+        f"at cell {index}, which now shows the error.</span>"
+    )
+    banner.metadata["tags"] = ["trekeys-stopped-cell"]
+    notebook.cells.insert(0, banner)
+    tmp = output.with_name(f".{output.name}.tmp")
+    nbformat.write(notebook, tmp)
+    os.replace(tmp, output)
+
+
+def _judge_outputs(result: DrillResult, output: Path) -> None:
+    """Fail a drill that papermill passed but whose notebook or checks say otherwise."""
+    if result.outcome != PASSED:
+        return
+    if not output.exists():
+        result.outcome, result.error = FAILED, "papermill wrote no executed notebook"
+        return
+    error_cell = _first_error_output(output)
+    if error_cell is not None:
+        result.outcome = FAILED
+        result.error = f"the executed notebook records an error in {error_cell}"
+    elif any(not c.get("passed") for c in result.checks):
+        failed = next(c["name"] for c in result.checks if not c.get("passed"))
+        result.outcome, result.error = FAILED, f"check failed: {failed}"
+
+
+def _first_error_output(path: Path) -> str | None:
+    notebook = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"cell {index} ({output.get('ename', 'error')})"
+    return None
+
+
+def _last_line(text: str | None) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[-1][:500] if lines else ""
 
 
 def _restore_env(name: str, value: str | None) -> None:
@@ -212,6 +412,8 @@ def _restore_env(name: str, value: str | None) -> None:
 
 
 def _read_checks(path: Path) -> list[dict[str, Any]]:
+    import json
+
     if not path.exists():
         return []
     return [
@@ -219,56 +421,3 @@ def _read_checks(path: Path) -> list[dict[str, Any]]:
         for line in path.read_text(encoding="utf-8").splitlines()
         if line
     ]
-
-
-def _has_error_output(path: Path) -> bool:
-    if not path.exists():
-        return True
-    notebook = nbformat.read(path, as_version=4)
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                return True
-    return False
-
-
-def _render_html(path: Path) -> None:
-    if not path.exists():
-        return
-    from nbconvert import HTMLExporter
-
-    body, _ = HTMLExporter().from_filename(str(path))
-    path.with_suffix(".html").write_text(body, encoding="utf-8")
-
-
-def write_summary(run: RunResult) -> Path:
-    """Write ``summary.json`` for a run and return its path."""
-    target = run.folder / "summary.json"
-    data = {
-        "folder": run.folder.name,
-        "passed": run.passed,
-        "drills": [asdict(d) for d in run.drills],
-    }
-    target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return target
-
-
-def write_index(out_root: Path) -> Path:
-    """Write ``index.html`` listing every run under `out_root`, newest first."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    runs = []
-    for summary in sorted(out_root.glob("*/summary.json"), reverse=True):
-        data = json.loads(summary.read_text(encoding="utf-8"))
-        runs.append({"folder": summary.parent.name, **data})
-    environment = Environment(
-        loader=PackageLoader("trekeys"), autoescape=select_autoescape()
-    )
-    html = environment.get_template("index.html.j2").render(
-        runs=runs, generated=utcnow()
-    )
-    target = out_root / "index.html"
-    tmp = target.with_name(".index.html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, target)
-    return target

@@ -6,7 +6,8 @@ and the next step. Messages about credentials never say which part was wrong.
 
     TrekeysError
     ├── ToolError                 an external tool is missing or failed
-    │   └── ToolMissingError
+    │   ├── ToolMissingError
+    │   └── AgentError            gpg-agent did not start or answer
     ├── CredentialError           wrong passphrase, share, key file or key
     │   └── ShareError            a custody share is malformed or mismatched
     ├── VaultError
@@ -18,8 +19,25 @@ and the next step. Messages about credentials never say which part was wrong.
     │   └── StateTransitionError  a transition that NIST SP 800-57 forbids
     ├── AuditError                the audit chain is broken
     ├── IntegrityError            a ciphertext, header, manifest or backup fails
-    │                             verification
+    │   │                         verification
+    │   ├── HeaderBackupError     a LUKS header backup is corrupt or of another volume
+    │   ├── ManifestMismatchError recovered files differ from their manifest
+    │   ├── TransferManifestError files differ from their transfer manifest
+    │   └── RecipientMismatchError  a backup is encrypted to other keys
+    ├── VolumeError               a storage volume cannot be used as asked
+    │   ├── NotLuksError          the device holds no LUKS header
+    │   └── UnsupportedVolumeError  LUKS1, or a layout trekeys cannot recover
+    ├── CertificateError          a certificate, its key or its CA cannot be used
+    │   ├── CertificateKeyMismatchError  the private key is not the certificate's
+    │   ├── CertificateValidityError     a CA is expired or not yet valid
+    │   └── HostnameError                not a valid DNS name or IP address
+    ├── DeploymentError           a deploy folder is missing or not writable
+    ├── EndpointError             a live TLS endpoint refused, timed out or is not TLS
+    ├── RecipientError            a backup recipient key is missing, expired,
+    │                             revoked or cannot encrypt
+    ├── KeyringMissingError       a GnuPG home folder is missing
     ├── PolicyError               an action the key management policy forbids
+    │   └── WeakPassphraseError   a passphrase is too easy to guess
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
     ├── IncidentError             a compromise analysis or response failed
@@ -72,6 +90,10 @@ class ToolMissingError(ToolError):
             tool=tool,
         )
         self.package = package
+
+
+class AgentError(ToolError):
+    """gpg-agent did not start or did not answer for a GnuPG home folder."""
 
 
 class CredentialError(TrekeysError):
@@ -146,6 +168,115 @@ class IntegrityError(TrekeysError):
     """A ciphertext, header backup, manifest or archive fails verification."""
 
 
+class HeaderBackupError(IntegrityError):
+    """A LUKS header backup is truncated, corrupt, stale or of another volume."""
+
+
+class ManifestMismatchError(IntegrityError):
+    """Files recovered from a volume differ from the manifest recorded at build time.
+
+    Attributes:
+        missing: manifest paths that were not recovered.
+        changed: paths whose size or SHA-256 differs.
+        unexpected: recovered paths that the manifest does not list.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str],
+        changed: list[str],
+        unexpected: list[str],
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.changed = changed
+        self.unexpected = unexpected
+
+
+class VolumeError(TrekeysError):
+    """A storage volume cannot be used as asked."""
+
+
+class NotLuksError(VolumeError):
+    """The device or file holds no LUKS header."""
+
+
+class UnsupportedVolumeError(VolumeError):
+    """A LUKS1 volume, or a LUKS2 layout that trekeys cannot recover."""
+
+
+class CertificateError(TrekeysError):
+    """A certificate, its private key or its issuing CA cannot be used."""
+
+
+class CertificateKeyMismatchError(CertificateError):
+    """A private key does not belong to the certificate it comes with."""
+
+
+class CertificateValidityError(CertificateError):
+    """A certificate or CA is expired or not yet valid at the time of use."""
+
+
+class HostnameError(CertificateError):
+    """A name for a certificate is neither a valid DNS name nor an IP address."""
+
+
+class DeploymentError(TrekeysError):
+    """Certificate files could not be written where a web server reads them."""
+
+
+class EndpointError(TrekeysError):
+    """A live TLS endpoint refused the connection, timed out or does not speak TLS.
+
+    Attributes:
+        endpoint: ``host:port`` of the endpoint.
+        reason: one of ``refused``, ``timed out``, ``no TLS`` or ``unreachable``.
+    """
+
+    def __init__(self, message: str, *, endpoint: str, reason: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+class RecipientMismatchError(IntegrityError):
+    """An encrypted backup lists other recipients than the ones it must have."""
+
+
+class RecipientError(TrekeysError):
+    """A recipient key cannot be used for a backup.
+
+    Attributes:
+        key_id: the vault key id of the recipient.
+        fingerprint: its OpenPGP fingerprint.
+        reason: missing, expired, revoked, no encryption subkey, or not active.
+    """
+
+    def __init__(self, key_id: str, fingerprint: str, reason: str) -> None:
+        super().__init__(
+            f"recipient key {key_id} ({fingerprint or 'no fingerprint'}) is "
+            f"{reason}; rotate it with 'trekeys backup rotate {key_id}' or repair "
+            "the public keyring, then back up again."
+        )
+        self.key_id = key_id
+        self.fingerprint = fingerprint
+        self.reason = reason
+
+
+class KeyringMissingError(TrekeysError):
+    """A GnuPG home folder that a key lives in is missing."""
+
+    def __init__(self, path: Path, key_id: str) -> None:
+        super().__init__(
+            f"GnuPG home {path} of key {key_id} is missing; mount the media that "
+            "holds it (for the offline key, the offline media) and try again."
+        )
+        self.path = path
+        self.key_id = key_id
+
+
 class PolicyError(TrekeysError):
     """An action that the key management policy forbids."""
 
@@ -166,6 +297,28 @@ class DestinationExistsError(TrekeysError):
             f"{path} already exists; choose a new destination or move it away first."
         )
         self.path = path
+
+
+class WeakPassphraseError(PolicyError):
+    """A passphrase is too easy to guess; the message gives the estimator's advice."""
+
+
+class TransferManifestError(IntegrityError):
+    """Files of a folder do not match its transfer manifest.
+
+    Attributes:
+        added: paths in the folder that the manifest does not list.
+        removed: paths that the manifest lists and the folder lacks.
+        changed: paths whose size or HMAC differs.
+    """
+
+    def __init__(
+        self, message: str, *, added: list[str], removed: list[str], changed: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.added = added
+        self.removed = removed
+        self.changed = changed
 
 
 class IncidentError(TrekeysError):

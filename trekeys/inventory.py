@@ -125,3 +125,30 @@ def to_csv(rows: list[InventoryRow]) -> str:
         values["flags"] = ";".join(row.flags)
         writer.writerow(values)
     return buffer.getvalue()
+
+
+_TABLE_COLUMNS = (
+    ("id", 34),
+    ("kind", 15),
+    ("owner", 16),
+    ("state", 12),
+    ("age_days", 8),
+    ("expires", 10),
+    ("flags", 20),
+    ("protects", 24),
+    ("locations", 0),
+)
+
+
+def to_table(rows: list[InventoryRow]) -> str:
+    """Return the inventory as fixed-width text, one key per line."""
+    header = " ".join(
+        f"{name.replace('_days', ' (d)'):{width}}" for name, width in _TABLE_COLUMNS
+    )
+    lines = [header.rstrip()]
+    for row in rows:
+        values = asdict(row)
+        values["flags"] = ",".join(row.flags) or "-"
+        cells = [f"{values[name]!s:{width}}" for name, width in _TABLE_COLUMNS]
+        lines.append(" ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"

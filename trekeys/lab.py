@@ -42,6 +42,12 @@ VAULT_MASTER_ID = "tre/vault-master"
 # Build steps of the capabilities, run in this order by `create_lab`. Each is
 # "module:function", and the function takes (lab, vault).
 LAB_STEPS: list[str] = [
+    "trekeys.reports:build_lab",
+    "trekeys.luks:build_lab",
+    "trekeys.tls:build_lab",
+    "trekeys.files:build_lab",
+    "trekeys.transfer:build_lab",
+    "trekeys.wrap:build_lab",
     "trekeys.incident:build_lab",
 ]
 

@@ -37,11 +37,11 @@ ROTATORS: dict[KeyKind, str] = {
     KeyKind.FILE_KEY: "trekeys.files:rotate_key",
     KeyKind.WRAPPING: "trekeys.wrap:rotate_key",
     KeyKind.MAC: "trekeys.transfer:rotate_key",
-    KeyKind.TLS_CA: "trekeys.tls:rotate_key",
-    KeyKind.TLS_CERT: "trekeys.tls:rotate_key",
+    KeyKind.TLS_CA: "trekeys.tls_lifecycle:rotate_key",
+    KeyKind.TLS_CERT: "trekeys.tls_lifecycle:rotate_key",
     KeyKind.GPG: "trekeys.backup:rotate_key",
     KeyKind.SSH: "trekeys.ssh:rotate_key",
-    KeyKind.SIGNING: "trekeys.reports:rotate_key",
+    KeyKind.SIGNING: "trekeys.signing:rotate_key",
 }
 
 # The actions of each kind's response, with the role that carries each out.

@@ -26,12 +26,16 @@ from trekeys.audit import Actor
 from trekeys.custody import combine_shares, prompt_shares
 from trekeys.errors import DrillError
 from trekeys.lab import Lab
+from trekeys.records import utcnow
 from trekeys.vault import Vault, VaultCredentials
 
 logger = logging.getLogger(__name__)
 
 # The drill runner sets this to a file where each check is appended as a JSON line.
 CHECKS_FILE_ENV = "TREKEYS_CHECKS_FILE"
+
+# Columns of the table of keys a runbook touched.
+KEY_COLUMNS = ["key", "fingerprint", "algorithm", "state", "operations"]
 
 
 class CheckFailed(DrillError):
@@ -177,6 +181,7 @@ def evidence_header(lab: Lab, vault: Vault | None = None) -> dict[str, Any]:
     """Return who runs the procedure, where, with which tool versions and settings."""
     header = {
         "run by": os.environ.get("TREKEYS_ACTOR") or getpass.getuser(),
+        "user": getpass.getuser(),
         "host": socket.gethostname(),
         "lab": str(lab.root),
         "trekeys": __version__,
@@ -190,7 +195,76 @@ def evidence_header(lab: Lab, vault: Vault | None = None) -> dict[str, Any]:
     }
     if vault is not None:
         header["vault KDF"] = vault.kdf_description
+        header["vault cipher"] = vault_cipher(vault)
+    header["recorded at"] = utcnow().isoformat()
     return header
+
+
+def vault_cipher(vault: Vault) -> str:
+    """Return the payload cipher of the open KDBX file, such as ``chacha20``."""
+    # Vault exposes no public accessor for the cipher; pykeepass names it.
+    keepass = getattr(vault, "_kp", None)
+    return str(getattr(keepass, "encryption_algorithm", "unknown"))
+
+
+def keys_touched(
+    vault: Vault, first_seq: int, last_seq: int | None = None
+) -> list[dict[str, Any]]:
+    """Return the keys that audit entries `first_seq` to `last_seq` name.
+
+    Each row has the key id, its fingerprint, algorithm and state, and the
+    operations logged on it; never its material.
+    """
+    operations: dict[str, list[str]] = {}
+    for entry in vault.audit_log.entries():
+        seq = int(entry.get("seq", 0))
+        if seq < first_seq or (last_seq is not None and seq > last_seq):
+            continue
+        key_id = str(entry.get("key_id", ""))
+        if key_id and key_id != "vault":
+            names = operations.setdefault(key_id, [])
+            if entry.get("operation") not in names:
+                names.append(str(entry.get("operation")))
+
+    rows = []
+    for key_id, names in sorted(operations.items()):
+        row: dict[str, Any] = {"key": key_id, "operations": ", ".join(names)}
+        if key_id in vault:
+            record = vault.get(key_id)
+            row.update(
+                fingerprint=record.fingerprint,
+                algorithm=record.algorithm,
+                state=record.state.value,
+            )
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class EvidenceRecorder:
+    """Evidence a runbook shows at its start and end: who, where, which keys.
+
+    Create it with `start_evidence` right after opening the vault, and call
+    `show_keys_touched` after the vault was saved at the end of the runbook.
+    """
+
+    lab: Lab
+    first_seq: int
+    header: dict[str, Any]
+
+    def show_keys_touched(self, vault: Vault) -> list[dict[str, Any]]:
+        """Display and return the keys this runbook used, from the audit log."""
+        rows = keys_touched(vault, self.first_seq)
+        show_table(rows, KEY_COLUMNS)
+        return rows
+
+
+def start_evidence(lab: Lab, vault: Vault) -> EvidenceRecorder:
+    """Display the evidence header and remember where the audit log stood."""
+    header = evidence_header(lab, vault)
+    show_table([{"item": k, "value": v} for k, v in header.items()])
+    first_seq = vault.audit_log.tail()[0] + 1
+    return EvidenceRecorder(lab, first_seq, header)
 
 
 def show_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pykeepass import PyKeePass, create_database
+from pykeepass import PyKeePass
 from pykeepass.entry import Entry
 from pykeepass.exceptions import (
     CredentialsError,
@@ -37,6 +37,7 @@ from pykeepass.exceptions import (
 )
 from pykeepass.group import Group
 from pykeepass.kdbx_parsing.kdbx4 import kdf_uuids
+from pykeepass.pykeepass import BLANK_DATABASE_LOCATION, BLANK_DATABASE_PASSWORD
 
 from trekeys.audit import Actor, AuditLog, make_entry
 from trekeys.errors import (
@@ -57,6 +58,7 @@ ID_PROPERTY = "trekeys.id"
 ENCODING_PROPERTY = "trekeys.secret-encoding"
 META_PROPERTY = "trekeys.meta"
 SCHEMA_VERSION = 1
+_INDEXED_PROPERTIES = frozenset({ID_PROPERTY, RECORD_PROPERTY, META_PROPERTY})
 DEFAULT_GENERATIONS = 10
 
 
@@ -88,25 +90,33 @@ class KdfSettings:
     def tune(
         cls, target_seconds: float = 1.0, memory_kib: int = 256 * 1024
     ) -> KdfSettings:
-        """Return settings whose derivation takes about `target_seconds` here."""
+        """Return settings whose derivation takes about `target_seconds` here.
+
+        The memory stays fixed and the passes are scaled from one measurement,
+        then corrected once, because the first pass also pays for allocation.
+        """
+        passes = 3
+        for _ in range(2):
+            trial = cls(time_cost=passes, memory_kib=memory_kib)
+            seconds = max(trial.measure_seconds(), 1e-3)
+            passes = max(3, round(passes * target_seconds / seconds))
+        return cls(time_cost=passes, memory_kib=memory_kib)
+
+    def measure_seconds(self) -> float:
+        """Return how long one key derivation with these settings takes here."""
         import argon2
 
-        settings = cls(time_cost=1, memory_kib=memory_kib)
         started = time.perf_counter()
         argon2.low_level.hash_secret_raw(
             b"calibration",
             b"0" * 32,
-            time_cost=1,
-            memory_cost=memory_kib,
-            parallelism=settings.parallelism,
+            time_cost=self.time_cost,
+            memory_cost=self.memory_kib,
+            parallelism=self.parallelism,
             hash_len=32,
             type=argon2.low_level.Type.ID,
         )
-        one_pass = max(time.perf_counter() - started, 1e-3)
-        passes = max(3, round(target_seconds / one_pass))
-        return cls(
-            time_cost=passes, memory_kib=memory_kib, parallelism=settings.parallelism
-        )
+        return time.perf_counter() - started
 
     def describe(self) -> str:
         """Return a one-line summary for reports."""
@@ -207,6 +217,7 @@ class Vault:
         self._lock_fd = lock_fd
         self._entries: dict[str, Entry] = {}
         self._records: dict[str, KeyRecord] = {}
+        self._raw_records: dict[str, str] = {}
         self._groups: dict[tuple[str, ...], Group] = {}
         self._pending_audit: list[tuple[str, str, str, str]] = []
         self._dirty = False
@@ -240,9 +251,12 @@ class Vault:
 
         keyfile = str(credentials.keyfile) if credentials.keyfile else None
         tmp = path.with_name(f".{path.name}.creating")
-        keepass = create_database(
-            str(tmp), password=credentials.password, keyfile=keyfile
-        )
+        # Start from pykeepass's blank template rather than `create_database`,
+        # which would first save the file under its own default KDF.
+        keepass = PyKeePass(BLANK_DATABASE_LOCATION, BLANK_DATABASE_PASSWORD)
+        keepass.filename = str(tmp)
+        keepass.password = credentials.password
+        keepass.keyfile = keyfile
         _apply_kdf(keepass, kdf)
         keepass.root_group.name = "TRE keys"
         vault = cls(
@@ -299,6 +313,8 @@ class Vault:
         except BaseException:
             _release_lock(lock_fd)
             raise
+        if lock_fd is not None:
+            _remove_stale_temporaries(path)
 
         vault = cls(
             path,
@@ -346,8 +362,12 @@ class Vault:
         secret: bytes | str | None = None,
         *,
         attachments: dict[str, bytes] | None = None,
+        title: str | None = None,
     ) -> KeyRecord:
         """Add a new key record with its material and attachments.
+
+        The entry's title is the key id unless `title` names it otherwise; titles
+        need not be unique, because trekeys finds entries by id.
 
         Raises:
             RecordError: a record with the same id exists.
@@ -360,7 +380,10 @@ class Vault:
             )
 
         entry = Entry(
-            title=record.id, username=record.owner, notes=record.purpose, kp=self._kp
+            title=title or record.id,
+            username=record.owner,
+            notes=record.purpose,
+            kp=self._kp,
         )
         self._group_for(record).append(entry)
         entry.set_custom_property(ID_PROPERTY, record.id)
@@ -386,7 +409,9 @@ class Vault:
         if key_id not in self._entries:
             raise RecordNotFoundError(key_id)
         if key_id not in self._records:
-            raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
+            raw = self._raw_records.pop(key_id, None)
+            if raw is None:
+                raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
             self._records[key_id] = KeyRecord.from_dict(json.loads(raw or "{}"))
         return self._records[key_id]
 
@@ -586,29 +611,100 @@ class Vault:
         self._write_atomically()
         self._dirty = False
 
-    def change_credentials(self, credentials: VaultCredentials) -> None:
-        """Re-key the vault under new credentials and save it at once.
+    def rekey(
+        self,
+        credentials: VaultCredentials,
+        *,
+        kdf: KdfSettings | None = None,
+        detail: str = "",
+    ) -> None:
+        """Change the vault's composite key and save at once, with a new KDF salt.
 
-        The KDF salt is renewed. Earlier generations keep the old credentials.
+        Generations saved under the old key would still open with the old
+        credentials, so they are removed once the re-keyed file has been read
+        back; the re-keyed file becomes the first generation of the new key.
+
+        Raises:
+            CredentialError: the new key file is missing.
+            VaultReadOnlyError: the vault was opened read-only.
         """
         self._require_writable()
+        if credentials.keyfile is not None and not credentials.keyfile.is_file():
+            raise CredentialError(
+                f"the new vault key file {credentials.keyfile} is missing; write it "
+                "to the portable device first."
+            )
+
+        old_generations = list_generations(self.path)
         self._kp.password = credentials.password
         self._kp.keyfile = str(credentials.keyfile) if credentials.keyfile else None
+        if kdf is not None:
+            _apply_kdf(self._kp, kdf)
+            self._write_meta({**self.meta, "kdf": kdf.describe()})
+        self.record_operation("rekey-vault", "vault", "success", detail)
         self._flush_audit()
-        self._write_atomically(rekey=True)
+        # No transformed key: pykeepass then derives a new one under a new salt.
+        self._write_atomically(rotate_salt=True)
         self._dirty = False
 
-        # Read the file back so that later saves reuse the new transformed key.
         self._kp.read(
             str(self.path), password=self._kp.password, keyfile=self._kp.keyfile
         )
         self._reindex()
-        logger.info("re-keyed vault %s under new credentials", self.path)
+        for generation in [*old_generations, *list_generations(self.path)]:
+            generation.unlink(missing_ok=True)
+        self._keep_generation()
+        logger.info("re-keyed vault %s (%s)", self.path, self.kdf_description)
+
+    @classmethod
+    def open_generation(
+        cls,
+        path: Path,
+        generation: Path,
+        credentials: VaultCredentials,
+        *,
+        actor: Actor | None = None,
+        lock_timeout: float = 30.0,
+    ) -> Vault:
+        """Open an earlier generation, locked, so that saving it restores it at `path`.
+
+        The live file need not open: this is how a corrupt vault is recovered.
+        The next save keeps the live file as a generation before replacing it.
+
+        Raises:
+            CredentialError: the credentials do not open the generation.
+            VaultCorruptError: the generation itself is corrupt.
+        """
+        path = Path(path)
+        lock_fd = _acquire_lock(path, timeout=lock_timeout)
+        try:
+            keepass = _open_keepass(Path(generation), credentials)
+        except BaseException:
+            _release_lock(lock_fd)
+            raise
+        keepass.filename = str(path)
+        vault = cls(
+            path,
+            keepass,
+            actor=actor or Actor.from_environment(),
+            lock_fd=lock_fd,
+            read_only=False,
+        )
+        vault._dirty = True
+        return vault
+
+    @property
+    def cipher_description(self) -> str:
+        """The payload cipher of the open vault file, such as ``aes256``."""
+        return str(self._kp.encryption_algorithm)
 
     @property
     def kdf_description(self) -> str:
         """The key derivation settings of the open vault file."""
-        params = self._kp.kdbx.header.value.dynamic_header.kdf_parameters.data.dict
+        header = self._kp.kdbx.header.value.dynamic_header
+        if self._kp.version < (4, 0):
+            return f"AES-KDF, {header.transform_rounds.data} rounds (KDBX 3.1)"
+        params = header.kdf_parameters.data.dict
         uuid = params["$UUID"].value
         if uuid == kdf_uuids["aeskdf"]:
             return f"AES-KDF, {params['R'].value} rounds"
@@ -621,20 +717,39 @@ class Vault:
     # Internals
 
     def _build_index(self) -> None:
+        # One pass over the entries of every group (history copies sit under
+        # Entry/History, so they are skipped), keeping each record's JSON text
+        # so that `get` parses it only when asked, without an XPath query.
         root = self._kp.tree.getroot()
-        for element in root.iter("Entry"):
-            parent = element.getparent()
-            if parent is None or parent.tag == "History":
-                continue
-            key, value = _entry_marker(element)
-            if key == ID_PROPERTY and value:
-                self._entries[value] = Entry(element=element, kp=self._kp)
-            elif key == META_PROPERTY:
+        for element in root.iterfind(".//Group/Entry"):
+            strings = _entry_strings(element)
+            key_id = strings.get(ID_PROPERTY)
+            if key_id:
+                self._entries[key_id] = Entry(element=element, kp=self._kp)
+                self._raw_records[key_id] = strings.get(RECORD_PROPERTY) or "{}"
+            elif META_PROPERTY in strings:
                 self._meta_entry = Entry(element=element, kp=self._kp)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        # Maps each group path to its group once per open, so that adding a key
+        # to an existing group never lists a parent's subgroups. Of two sibling
+        # groups with the same name the first one wins, as in `_group`.
+        pending: list[tuple[tuple[str, ...], Any]] = [
+            ((), self._kp.root_group._element)
+        ]
+        while pending:
+            path, element = pending.pop()
+            for child in element.iterchildren("Group"):
+                child_path = (*path, child.findtext("Name") or "")
+                if child_path not in self._groups:
+                    self._groups[child_path] = Group(element=child, kp=self._kp)
+                    pending.append((child_path, child))
 
     def _reindex(self) -> None:
         self._entries.clear()
         self._records.clear()
+        self._raw_records.clear()
         self._groups.clear()
         self._meta_entry = None
         self._build_index()
@@ -717,11 +832,12 @@ class Vault:
         self._pending_audit = pending
         self.save()
 
-    def _write_atomically(self, *, rekey: bool = False) -> None:
+    def _write_atomically(self, *, rotate_salt: bool = False) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        transformed_key = None if rotate_salt else self._kp.transformed_key
         try:
-            transformed = None if rekey else self._kp.transformed_key
-            self._kp.save(str(tmp), transformed_key=transformed)
+            self._kp.save(str(tmp), transformed_key=transformed_key)
+            os.chmod(tmp, 0o600)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             if self.path.exists():
@@ -754,12 +870,25 @@ def audit_log_path(vault_path: Path) -> Path:
     return vault_path.with_name(f"{vault_path.stem}-audit.jsonl")
 
 
-def _entry_marker(element: Any) -> tuple[str | None, str | None]:
+def _entry_strings(element: Any) -> dict[str, str]:
+    # Reads the trekeys String fields of an entry element. Each String holds a
+    # Key and a Value child, in that order, in every KDBX file.
+    found = {}
     for child in element.iterchildren("String"):
-        key = child.findtext("Key")
-        if key in (ID_PROPERTY, META_PROPERTY):
-            return key, child.findtext("Value")
-    return None, None
+        if len(child) < 2:
+            continue
+        key = child[0].text
+        if key in _INDEXED_PROPERTIES:
+            found[key] = child[1].text or ""
+    return found
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # A save killed before its rename leaves its temporary file behind. The
+    # caller holds the write lock, so no other save is using one now.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        logger.warning("removing %s, left by an interrupted save", stale)
+        stale.unlink(missing_ok=True)
 
 
 def _apply_kdf(keepass: PyKeePass, kdf: KdfSettings) -> None:

@@ -39,9 +39,31 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from trekeys.cli import incident, keys, labcmd, runs
+    from trekeys.cli import (
+        filescmd,
+        incident,
+        keys,
+        labcmd,
+        runs,
+        tls,
+        transfercmd,
+        vaultcmd,
+        volume,
+        wrapcmd,
+    )
 
-    for module in (labcmd, keys, runs, incident):
+    for module in (
+        labcmd,
+        keys,
+        runs,
+        tls,
+        vaultcmd,
+        volume,
+        filescmd,
+        transfercmd,
+        wrapcmd,
+        incident,
+    ):
         module.register(main)
 
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from trekeys.cli.common import lab_option, open_lab_vault, share_option
-from trekeys.inventory import build_inventory, to_csv, to_json, vault_strength_check
+from trekeys.inventory import (
+    build_inventory,
+    to_csv,
+    to_json,
+    to_table,
+    vault_strength_check,
+)
 from trekeys.records import KeyState, allowed_transitions
 
 
@@ -63,16 +69,7 @@ def inventory(
     elif output_format == "csv":
         text = to_csv(rows)
     else:
-        lines = [
-            f"{'id':40} {'kind':16} {'owner':18} {'state':14} {'expires':10} flags"
-        ]
-        for row in rows:
-            lines.append(
-                f"{row.id:40} {row.kind:16} {row.owner:18} {row.state:14} "
-                f"{row.expires:10} {','.join(row.flags)}"
-            )
-        lines.append(strength)
-        text = "\n".join(lines) + "\n"
+        text = to_table(rows) + strength + "\n"
 
     if output:
         output.write_text(text, encoding="utf-8")

@@ -1,0 +1,55 @@
+"""The TLS runbooks, run headless with papermill against the demo TRE."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from trekeys import tls
+from trekeys.drills import run_drills
+from trekeys.lab import Lab
+from trekeys.records import utcnow
+
+DRILLS = ["tls-issue", "tls-audit"]
+
+
+def _outcomes(lab: Lab, out: Path, names: list[str]) -> dict[str, str]:
+    run = run_drills(lab.root, out, names=names)
+    return {d.name: f"{d.outcome} {d.error}".strip() for d in run.drills}
+
+
+def test_tls_drills_pass_twice(full_lab: Lab, tmp_path: Path) -> None:
+    first = _outcomes(full_lab, tmp_path / "reports", DRILLS)
+    second = _outcomes(full_lab, tmp_path / "reports", DRILLS)
+
+    assert first == {"tls-issue": "passed", "tls-audit": "passed"}
+    assert second == first
+    assert not (full_lab.work_dir / "tls-issue").exists()
+    charts = list((tmp_path / "reports").glob("*/tls-expiry-timeline.png"))
+    assert len(charts) == 2
+
+
+def test_audit_drill_fails_on_revoked_deployment(full_lab: Lab, tmp_path: Path) -> None:
+    with full_lab.open_vault() as vault:
+        tls.revoke_certificate(vault, "tls/portal.tre.internal", "keyCompromise")
+
+    outcome = _outcomes(full_lab, tmp_path / "reports", ["tls-audit"])
+
+    assert outcome["tls-audit"].startswith("failed")
+    assert "nothing expired, revoked or mismatched" in outcome["tls-audit"]
+    assert "portal.tre.internal" in outcome["tls-audit"]
+
+
+def test_audit_drill_fails_on_expired_deployment(full_lab: Lab, tmp_path: Path) -> None:
+    folder = full_lab.services_dir / "wiki.tre.internal"
+    folder.mkdir()
+    with full_lab.open_vault() as vault:
+        record = tls.issue_certificate(
+            vault, "wiki.tre.internal", days=30, now=utcnow() - timedelta(days=40)
+        )
+        tls.deploy_certificate(vault, record.id, folder)
+
+    outcome = _outcomes(full_lab, tmp_path / "reports", ["tls-audit"])
+
+    assert outcome["tls-audit"].startswith("failed")
+    assert "expired 10 days ago" in outcome["tls-audit"]

@@ -1,0 +1,182 @@
+"""Writing a certificate chain and its private key where a web server reads them.
+
+A deployment is two files: the chain (service certificate first, then the CA
+certificate, as nginx's ``ssl_certificate`` and Apache's ``SSLCertificateFile``
+expect) and the private key, mode 0600. Both are written to temporary names
+in their target folders, flushed to disk, and only then renamed into place.
+When either rename fails, the files that were there before are put back, so
+a web server never sees a new chain with an old key or a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from trekeys.errors import DeploymentError, DestinationExistsError
+
+logger = logging.getLogger(__name__)
+
+CHAIN_FILE = "fullchain.pem"
+KEY_FILE = "privkey.pem"
+CHAIN_MODE = 0o644
+KEY_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    """The two paths of one deployment."""
+
+    chain_path: Path
+    key_path: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> DeployTarget:
+        """Return the usual file names inside `folder`."""
+        return cls(Path(folder) / CHAIN_FILE, Path(folder) / KEY_FILE)
+
+    def as_strings(self) -> dict[str, str]:
+        """Return the paths as absolute strings, for a key record."""
+        return {"chain": str(self.chain_path), "key": str(self.key_path)}
+
+
+def write_deployment(
+    target: DeployTarget,
+    chain_pem: bytes,
+    key_pem: bytes,
+    *,
+    replace: bool,
+) -> None:
+    """Write the chain and key to `target` atomically, the key with mode 0600.
+
+    Args:
+        target: the chain and key paths.
+        chain_pem: the PEM chain, service certificate first.
+        key_pem: the PEM private key.
+        replace: whether existing files at the paths may be replaced.
+
+    Raises:
+        DeploymentError: a folder does not exist or is not writable.
+        DestinationExistsError: a file exists and `replace` is False.
+    """
+    files = [
+        (target.chain_path, chain_pem, CHAIN_MODE),
+        (target.key_path, key_pem, KEY_MODE),
+    ]
+    for path, _, _ in files:
+        _check_folder(path.parent)
+        if path.exists() and not replace:
+            raise DestinationExistsError(path)
+
+    with _staged(files) as staged:
+        _swap_in(staged)
+    for folder in {path.parent for path, _, _ in files}:
+        _fsync_dir(folder)
+    logger.info("deployed %s and %s", target.chain_path, target.key_path)
+
+
+def remove_deployment(target: DeployTarget) -> list[Path]:
+    """Remove the files of a deployment that still exist and return their paths."""
+    removed = []
+    for path in (target.chain_path, target.key_path):
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    logger.info("removed deployment files %s", ", ".join(map(str, removed)) or "none")
+    return removed
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise DeploymentError(
+            f"deploy folder {folder} does not exist or is not a folder; create it "
+            "(the web server must be able to read it) and deploy again."
+        )
+
+
+@contextlib.contextmanager
+def _staged(
+    files: list[tuple[Path, bytes, int]],
+) -> Iterator[list[tuple[Path, Path]]]:
+    """Write every file to a temporary name beside its target; remove leftovers."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            _write_new_file(tmp, data, mode, folder=path.parent)
+            staged.append((tmp, path))
+        yield staged
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_new_file(tmp: Path, data: bytes, mode: int, *, folder: Path) -> None:
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as exc:
+        raise DeploymentError(
+            f"deploy folder {folder} is not writable ({exc.strerror}); fix its "
+            "permissions or choose another folder, then deploy again."
+        ) from exc
+    try:
+        # The process umask may have masked bits; set the exact mode.
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DeploymentError(
+            f"writing to deploy folder {folder} failed ({exc.strerror}); check free "
+            "space and permissions, then deploy again."
+        ) from exc
+    finally:
+        os.close(fd)
+
+
+def _swap_in(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each staged file over its target, undoing all of them on failure."""
+    backups: dict[Path, Path | None] = {}
+    try:
+        for tmp, path in staged:
+            backups[path] = _keep_old(path)
+            os.replace(tmp, path)
+    except OSError as exc:
+        for path, backup in backups.items():
+            _restore(path, backup)
+        raise DeploymentError(
+            f"replacing {path} failed ({exc.strerror}); the earlier files were put "
+            "back, fix the folder's permissions and deploy again."
+        ) from exc
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
+def _keep_old(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    backup = path.with_name(f".{path.name}.{os.getpid()}.old")
+    backup.unlink(missing_ok=True)
+    os.link(path, backup)
+    return backup
+
+
+def _restore(path: Path, backup: Path | None) -> None:
+    if backup is None:
+        path.unlink(missing_ok=True)
+    else:
+        os.replace(backup, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
