@@ -51,7 +51,8 @@ def changed_files(before: Mapping[str, str], after: Mapping[str, str]) -> list[s
 def choose_drill_keys(vault: Vault) -> tuple[list[str], str]:
     """Pick the keys a compromise drill leaks, preferring the realistic case.
 
-    The first choice is a project instance's GPG key and a service's TLS key.
+    The first choice is a project instance's key (its GPG key, else its LUKS
+    recovery passphrase) and a service's TLS key.
     When their rotators are not installed, the drill falls back to fewer
     keys, and last to the vault master, whose rotator trekeys always has.
 
@@ -61,9 +62,12 @@ def choose_drill_keys(vault: Vault) -> tuple[list[str], str]:
     Raises:
         IncidentError: no candidate has rotators for every key it affects.
     """
+    # A project instance's GPG key is the policy's instance key; until GPG
+    # keys are in the vault, the instance's LUKS recovery passphrase stands in.
     instance_keys = [
         r.id
-        for r in vault.find(kind=KeyKind.GPG.value, state="active")
+        for kind in (KeyKind.GPG, KeyKind.LUKS_PASSPHRASE)
+        for r in vault.find(kind=kind.value, state="active")
         if r.owner.startswith("instance:")
     ]
     service_keys = [
