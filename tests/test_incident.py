@@ -37,7 +37,12 @@ from trekeys.incident import (
     missing_rotators,
     respond,
 )
-from trekeys.incident_report import choose_drill_keys, verify_custody
+from trekeys.incident_checks import verify_replacements
+from trekeys.incident_report import (
+    choose_drill_keys,
+    verify_custody,
+    verify_response,
+)
 from trekeys.lab import VAULT_MASTER_ID, Lab
 from trekeys.notify import (
     PLANNED,
@@ -745,3 +750,67 @@ def test_cli_respond_dry_run_changes_nothing(full_lab):
     assert f"would run: 01-{leaked[0]}" in result.output
     assert "Subject: Key compromise inc-" in result.output
     assert hash_tree(full_lab.root) == before
+
+
+# The demo TRE's own records
+
+
+def test_demo_impact_of_ca(full_lab):
+    impact = impact_of(full_lab, "tls/ca")
+    assert impact.key_ids == ["tls/ca"]
+    assert impact.data == []
+    assert {(s.ref, s.signer) for s in impact.signatures} == {
+        ("crl:tls/ca", "tls/ca"),
+        ("cert:tls/portal.tre.internal", "tls/ca"),
+        ("cert:tls/gitlab.tre.internal", "tls/ca"),
+        ("cert:tls/jupyter.tre.internal", "tls/ca"),
+    }
+
+
+def test_demo_impact_of_instance_passphrase(full_lab):
+    impact = impact_of(full_lab, "alpha/luks-passphrase")
+    assert impact.key_ids == ["alpha/luks-passphrase", "alpha/luks-volume"]
+    assert [d.ref for d in impact.data] == ["volume:alpha"]
+    assert impact.data[0].protected_by == "alpha/luks-volume"
+    assert impact.signatures == []
+
+
+def test_demo_impact_of_service_key(full_lab):
+    impact = impact_of(full_lab, "tls/portal.tre.internal")
+    assert [d.ref for d in impact.data] == ["service:portal.tre.internal"]
+    assert impact.signatures == [
+        SuspectSignature(
+            "cert:tls/portal.tre.internal", "tls/ca", "certifies a compromised key"
+        )
+    ]
+
+
+def test_demo_impact_of_wrapping_key(full_lab):
+    impact = impact_of(full_lab, "wrap/alice")
+    assert impact.key_ids == ["wrap/alice", "mac/alpha-import"]
+    assert [d.ref for d in impact.data] == [
+        "manifest:alpha-import/import-cohort-2026-12"
+    ]
+
+
+def test_demo_compromise_drill_end_to_end(full_lab):
+    leaked = ["alpha/luks-passphrase", "tls/portal.tre.internal"]
+    with full_lab.open_vault() as vault:
+        plan, result = respond(full_lab, vault, leaked)
+        record_rows = verify_response(vault, plan, result)
+        tool_rows = verify_replacements(full_lab, vault, result.new_keys)
+
+    assert [s.key_id for s in plan.steps] == [
+        "alpha/luks-passphrase",
+        "alpha/luks-volume",
+        "tls/portal.tre.internal",
+    ]
+    assert set(result.new_keys) == set(leaked) | {"alpha/luks-volume"}
+    for row in record_rows + tool_rows:
+        assert row["passed"], row
+    checked = {row["check"] for row in tool_rows}
+    assert "old alpha/luks-passphrase no longer opens the volume" in checked
+    assert "files of volume alpha recover with the new keys" in checked
+    assert (
+        "old certificate of tls/portal.tre.internal is in the CRL of tls/ca" in checked
+    )
