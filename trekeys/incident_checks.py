@@ -1,11 +1,11 @@
 """Proof, per kind of key, that old keys are shut out and new keys work.
 
-After a response, `verify_replacements` asks the tools themselves, not only
-the records: an old LUKS passphrase or boot key must no longer open its
-keyslot while the new one does; an old volume key must no longer match the
-volume's header digest while the new one does; an old TLS certificate must
-be listed in its CA's CRL and its replacement must carry a different public
-key. Kinds without a check here are covered by the record checks of
+After a response, `verify_replacements` checks with the tools themselves, not
+only with the records. An old LUKS passphrase or boot key must no longer open
+its keyslot, and the new one must. An old volume key must no longer match the
+volume's header digest, the new one must, and the files must recover. An old
+TLS certificate must be listed in its CA's CRL, and its replacement must carry
+a different public key. Kinds without a check here are covered by the record checks of
 `trekeys.incident_report.verify_response` only.
 """
 

@@ -1,9 +1,10 @@
 """The rotator of the vault master, for the compromise response and rotation.
 
 It follows the rotator contract of `trekeys.response_plan` and delegates the
-work to the custody re-split (`trekeys.resplit`): a new master secret, new
-shares for the same custodians and threshold, the vault re-keyed, the earlier
-generations removed, and the old master kept as a destroyed tombstone. The
+work to the custody re-split (`trekeys.resplit`). That makes a new master
+secret and new shares for the same custodians and threshold, re-keys the
+vault, removes the earlier generations and keeps the old master as a
+destroyed tombstone. The
 record ``tre/vault-master`` keeps its id for the new secret, because the lab
 and the share checks look the master up by that id. After a compromise the
 tombstone is marked destroyed-compromised, so the records show that the old
