@@ -814,3 +814,24 @@ def test_demo_compromise_drill_end_to_end(full_lab):
     assert (
         "old certificate of tls/portal.tre.internal is in the CRL of tls/ca" in checked
     )
+
+
+def test_demo_ca_and_service_key_rotate_once(full_lab):
+    leaked = ["tls/ca", "tls/portal.tre.internal"]
+    with full_lab.open_vault() as vault:
+        plan, result = respond(full_lab, vault, leaked)
+        portal = vault.get("tls/portal.tre.internal")
+        rows = verify_response(vault, plan, result)
+
+    assert [s.key_id for s in plan.steps] == leaked
+    # The CA rotation reissued the portal certificate, so its own step only
+    # marks the old key compromised instead of rotating it a second time.
+    assert result.new_keys["tls/portal.tre.internal"] == []
+    assert portal.state is KeyState.COMPROMISED
+    new_ca = result.new_keys["tls/ca"][0]
+    assert any(
+        k.startswith("tls/portal.tre.internal@") for k in result.new_keys["tls/ca"]
+    )
+    assert new_ca != "tls/ca"
+    for row in rows:
+        assert row["passed"], row
