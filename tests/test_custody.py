@@ -132,7 +132,7 @@ def test_check_each_share_finds_one_bad_share(tmp_path: Path) -> None:
     rows = check_each_share(files, 2, master_fingerprint(master))
 
     assert [row["valid"] for row in rows] == [True, True, False]
-    assert "different splits" in rows[2]["detail"]
+    assert "another split" in rows[2]["detail"]
 
 
 def test_bad_share_does_not_open_lab(bare_lab: Lab) -> None:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from trekeys import files, pgpfile
+from trekeys import escrow, files, gpgrun, pgpfile
 from trekeys.drills import run_drills
 from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
     IntegrityError,
+    PolicyError,
     WeakPassphraseError,
 )
 from trekeys.lab import Lab, create_lab
@@ -33,9 +34,9 @@ def lab_template(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     """A lab where alice and bob have escrow keys and alice's passphrase is stored."""
     template = create_lab(tmp_path_factory.mktemp("files") / "lab", steps=[])
     with template.open_vault() as vault:
-        files.create_escrow_key(template, vault, "alice")
-        files.create_escrow_key(template, vault, "bob")
-        files.store_passphrase(vault, "alice", PASSPHRASE)
+        escrow.create_escrow_key(template, vault, "alice")
+        escrow.create_escrow_key(template, vault, "bob")
+        escrow.store_passphrase(vault, "alice", PASSPHRASE)
     return template
 
 
@@ -103,7 +104,7 @@ def test_escrow_record_lists_protected_files(lab, encrypted):
         record = vault.get("files/alice")
     assert record.protects == ["files:alice"]
     assert record.owner == "user:alice"
-    assert files.protected_files(lab, record) == [encrypted]
+    assert escrow.protected_files(lab, record) == [encrypted]
 
 
 def gpg_decrypt(home: Path, source: Path, dest: Path, passphrase: str | None):
@@ -135,7 +136,7 @@ def test_plain_gpg_opens_file_with_passphrase(plain, encrypted, tmp_path):
 def test_plain_gpg_opens_file_with_escrow_key(lab, plain, encrypted, tmp_path):
     with lab.open_vault() as vault:
         secret = vault.read_secret("files/alice", "standard tool test")
-    with pgpfile.temporary_home() as home:
+    with gpgrun.temporary_home() as home:
         imported = subprocess.run(
             ["gpg", "--homedir", str(home), "--batch", "--import"],
             input=secret,
@@ -221,12 +222,12 @@ def test_file_of_other_escrow_key_rejected(lab, encrypted, tmp_path):
 
 def test_file_of_foreign_escrow_key_rejected(lab, plain, tmp_path):
     foreign = pgpfile.generate_escrow_key("another TRE")
-    pgpfile.import_key(files.escrow_home(lab), foreign.public)
+    pgpfile.import_key(escrow.escrow_home(lab), foreign.public)
     cipher = tmp_path / "foreign.gpg"
     pgpfile.encrypt(
         plain,
         cipher,
-        home=files.escrow_home(lab),
+        home=escrow.escrow_home(lab),
         recipient=foreign.fingerprint,
         passphrase=PASSPHRASE,
         settings=pgpfile.S2kSettings.test(),
@@ -290,7 +291,7 @@ def test_interrupted_encryption_leaves_nothing(lab, tmp_path):
 
     child = subprocess.Popen(
         [sys.executable, "-c", _INTERRUPTED_ENCRYPTION, str(big), str(dest)]
-        + [str(files.escrow_home(lab)), fingerprint],
+        + [str(escrow.escrow_home(lab)), fingerprint],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -348,7 +349,7 @@ def test_rotate_escrow_key_reencrypts_files(lab, plain, encrypted, tmp_path):
         new = vault.get(new_ids[0])
         assert vault.get("files/alice").state is KeyState.COMPROMISED
         assert new.state is KeyState.ACTIVE
-        assert files.protected_files(lab, new) == [encrypted]
+        assert escrow.protected_files(lab, new) == [encrypted]
         assert pgpfile.list_recipients(encrypted) == [
             new.attributes["encryption_key_id"]
         ]
@@ -385,7 +386,7 @@ def test_lab_users_have_escrow_and_passphrase(full_lab):
     with full_lab.open_vault() as vault:
         for instance, users in full_lab.instances.items():
             for user in users:
-                summary = files.user_summary(full_lab, vault, user)
+                summary = escrow.user_summary(full_lab, vault, user)
                 assert summary["escrow key"] == f"files/{user}"
                 assert len(summary["files"]) == 2
                 folder = full_lab.instance_dir(instance) / "user-files" / user
@@ -403,3 +404,205 @@ def test_escrow_recovery_notebook_passes_twice(full_lab, tmp_path):
             names=["file-escrow-recovery"],
         )
         assert run.passed, run.drills[0].error
+
+
+def test_notebook_report_contains_no_secret(full_lab, tmp_path):
+    run = run_drills(
+        full_lab.root, tmp_path / "reports", names=["file-escrow-recovery"]
+    )
+    assert run.passed, run.drills[0].error
+    with full_lab.open_vault() as vault:
+        passphrase = vault.read_secret("files/alice/passphrase", "test").decode()
+        armored = vault.read_secret("files/alice", "test").decode().splitlines()
+    key_line = max(armored, key=len)
+    for report in run.folder.iterdir():
+        text = report.read_text(encoding="utf-8", errors="replace")
+        assert passphrase not in text, report.name
+        assert key_line not in text, report.name
+
+
+def test_cli_rejects_weak_passphrase_without_echo(full_lab, tmp_path):
+    from click.testing import CliRunner
+
+    from trekeys.cli import main
+
+    weak = tmp_path / "weak.txt"
+    weak.write_text("sunshine1")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("notes")
+    result = CliRunner().invoke(
+        main,
+        ["files", "encrypt", "--lab", str(full_lab.root), "alice", str(plain)]
+        + ["--passphrase-file", str(weak)],
+    )
+    assert result.exit_code == 1
+    assert "too easy to guess" in result.output
+    assert "sunshine1" not in result.output
+    assert not (tmp_path / "notes.txt.gpg").exists()
+
+
+def test_cli_encrypt_decrypt_recover(full_lab, tmp_path):
+    from click.testing import CliRunner
+
+    from trekeys.cli import main
+
+    secret = tmp_path / "pass.txt"
+    secret.write_text(PASSPHRASE + "\n")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("field notes\n")
+    runner = CliRunner()
+    lab_args = ["--lab", str(full_lab.root)]
+    encrypted = runner.invoke(
+        main,
+        ["files", "encrypt", *lab_args, "alice", str(plain)]
+        + ["--passphrase-file", str(secret)],
+    )
+    assert encrypted.exit_code == 0, encrypted.output
+    decrypted = runner.invoke(
+        main,
+        ["files", "decrypt", str(tmp_path / "notes.txt.gpg"), str(tmp_path / "d.txt")]
+        + ["--passphrase-file", str(secret)],
+    )
+    assert decrypted.exit_code == 0, decrypted.output
+    recovered = runner.invoke(
+        main,
+        ["files", "recover", *lab_args, str(tmp_path / "notes.txt.gpg")]
+        + [str(tmp_path / "r.txt"), "--reason", "cli test"],
+    )
+    assert recovered.exit_code == 0, recovered.output
+    assert (tmp_path / "d.txt").read_text() == "field notes\n"
+    assert (tmp_path / "r.txt").read_text() == "field notes\n"
+
+
+@pytest.mark.parametrize("case", ["climbs-out", "two-files", "absolute"])
+def test_unsafe_archive_not_extracted(lab, tmp_path, case):
+    import io
+    import tarfile
+
+    members = {
+        "climbs-out": ["folder/../../escape.txt"],
+        "two-files": ["one.txt", "two.txt"],
+        "absolute": [str(tmp_path / "planted.txt")],
+    }[case]
+
+    def write_archive(pipe):
+        with tarfile.open(fileobj=pipe, mode="w|") as tar:
+            for name in members:
+                info = tarfile.TarInfo(name)
+                info.size = 7
+                tar.addfile(info, io.BytesIO(b"planted"))
+
+    with lab.open_vault() as vault:
+        fingerprint = vault.get("files/alice").fingerprint
+    cipher = tmp_path / "crafted.tar.gpg"
+    pgpfile.encrypt(
+        write_archive,
+        cipher,
+        home=escrow.escrow_home(lab),
+        recipient=fingerprint,
+        passphrase=PASSPHRASE,
+        settings=pgpfile.S2kSettings.test(),
+    )
+    dest = tmp_path / "out"
+    if case == "absolute":
+        # The leading slash is stripped, so the file lands inside the new folder.
+        files.decrypt_path(cipher, dest, passphrase=PASSPHRASE)
+        assert list(dest.rglob("planted.txt"))
+    else:
+        with pytest.raises(PolicyError, match="unsafe to extract|top-level entries"):
+            files.decrypt_path(cipher, dest, passphrase=PASSPHRASE)
+        assert not dest.exists()
+    assert not (tmp_path / "planted.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path.parent / "escape.txt").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_passphrase_never_in_gpg_argv(lab, tmp_path):
+    import threading
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as handle:
+        for _ in range(24):
+            handle.write(os.urandom(4 << 20))
+    with lab.open_vault() as vault:
+        fingerprint = vault.get("files/alice").fingerprint
+    home = str(escrow.escrow_home(lab))
+    worker = threading.Thread(
+        target=pgpfile.encrypt,
+        args=(big, tmp_path / "big.gpg"),
+        kwargs={
+            "home": escrow.escrow_home(lab),
+            "recipient": fingerprint,
+            "passphrase": PASSPHRASE,
+            "settings": pgpfile.S2kSettings.test(),
+        },
+    )
+    seen: list[list[str]] = []
+    worker.start()
+    while worker.is_alive():
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            words = [w.decode(errors="replace") for w in argv if w]
+            if home in words and words not in seen:
+                seen.append(words)
+        time.sleep(0.005)
+    worker.join()
+
+    assert seen, "no gpg process was observed"
+    for words in seen:
+        assert "--passphrase-fd" in words
+        assert not any(PASSPHRASE in word for word in words)
+
+
+@pytest.mark.parametrize(
+    ("settings", "count"),
+    [(pgpfile.S2kSettings.test(), 65536), (pgpfile.S2kSettings.production(), 65011712)],
+)
+def test_s2k_count_reaches_message(lab, plain, tmp_path, settings, count):
+    with lab.open_vault() as vault:
+        fingerprint = vault.get("files/alice").fingerprint
+    cipher = tmp_path / "c.gpg"
+    pgpfile.encrypt(
+        plain,
+        cipher,
+        home=escrow.escrow_home(lab),
+        recipient=fingerprint,
+        passphrase=PASSPHRASE,
+        settings=settings,
+    )
+    with gpgrun.temporary_home() as home:
+        listing = subprocess.run(
+            ["gpg", "--homedir", str(home), "--batch", "--list-packets", str(cipher)],
+            capture_output=True,
+            text=True,
+        )
+    assert f"count {count} " in listing.stdout
+    assert "cipher 9" in listing.stdout
+
+
+def test_failed_rotation_changes_no_file(lab, plain, tmp_path):
+    with lab.open_vault() as vault:
+        good = files.encrypt_path(lab, vault, "alice", plain, passphrase=PASSPHRASE)
+        second = plain.with_name("second.csv")
+        second.write_bytes(b"second file\n")
+        damaged = files.encrypt_path(lab, vault, "alice", second, passphrase=PASSPHRASE)
+    corrupt(damaged, damaged, flip_at=200)
+    before = {good: digest(good), damaged: digest(damaged)}
+
+    with pytest.raises(IntegrityError):
+        with lab.open_vault() as vault:
+            files.rotate_key(
+                lab, vault, "files/alice", reason="drill", compromised=False
+            )
+
+    with lab.open_vault() as vault:
+        assert vault.get("files/alice").state is KeyState.ACTIVE
+        assert vault.get("files/alice.v2").is_tombstone
+        assert escrow.find_user_key(vault, "alice", "escrow").id == "files/alice"
+    assert {path: digest(path) for path in before} == before
+    assert not [p for p in good.parent.iterdir() if p.name.startswith(".trekeys")]
+    files.decrypt_path(good, tmp_path / "still-open.csv", passphrase=PASSPHRASE)

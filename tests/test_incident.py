@@ -574,7 +574,7 @@ def test_vault_master_rotation_keeps_keys_readable(tre):
     with tre.open_vault() as vault:
         secret = vault.read_secret("files/alice", "test")
         rotators = {kind: "test_incident:rotate_test_key" for kind in KeyKind}
-        rotators[KeyKind.VAULT_MASTER] = "trekeys.rekey:rotate_key"
+        rotators[KeyKind.VAULT_MASTER] = "trekeys.resplit:rotate_key"
         plan = build_plan(vault, VAULT_MASTER_ID, rotators=rotators)
         execute_plan(tre, vault, plan, rotators=rotators)
     with tre.open_vault() as vault:

@@ -19,6 +19,7 @@ from trekeys.errors import (
     HeaderBackupError,
     NotLuksError,
     RecordError,
+    ToolError,
     ToolMissingError,
     UnsupportedVolumeError,
 )
@@ -153,7 +154,7 @@ def test_provision_refuses_existing_luks_device(full_lab: Lab) -> None:
     device = full_lab.instance_dir("alpha") / "volume.img"
     before = sha256_of(device)
     with full_lab.open_vault() as vault:
-        with pytest.raises(Exception, match="already holds a LUKS volume"):
+        with pytest.raises(Exception, match="already contains a LUKS volume"):
             provision_volume(
                 full_lab,
                 vault,
@@ -271,7 +272,7 @@ def test_not_luks_device_is_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(NotLuksError, match="not a LUKS volume"):
         read_header(device)
-    with pytest.raises(NotLuksError, match="holds no LUKS header"):
+    with pytest.raises(NotLuksError, match="contains no LUKS header"):
         verify_key(device, b"any key")
 
     assert sha256_of(device) == before
@@ -340,3 +341,28 @@ def test_secret_file_is_private_and_removed() -> None:
     assert not path.exists()
     assert not path.parent.exists()
     assert os.environ.get("PATH")
+
+
+def test_failed_provision_removes_new_image(full_lab: Lab, tmp_path: Path) -> None:
+    source = tmp_path / "too-big"
+    source.mkdir()
+    (source / "large.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    image = tmp_path / "small.img"
+
+    with full_lab.open_vault() as vault:
+        with pytest.raises(ToolError, match="mke2fs"):
+            provision_volume(
+                full_lab,
+                vault,
+                "epsilon",
+                image,
+                kdf=KdfSettings.test(),
+                source_dir=source,
+                fs_bytes=1024 * 1024,
+                keyslots_bytes=SMALL_KEYSLOTS_BYTES,
+            )
+
+    assert not image.exists()
+    assert (source / "large.bin").stat().st_size == 3 * 1024 * 1024
+    with full_lab.open_vault() as vault:
+        assert "epsilon/luks-volume" not in vault

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ from trekeys.luks_device import (
     reduce_size,
 )
 from trekeys.luks_recovery import decrypt_segment
-from trekeys.xts import XtsDecryptor
+from trekeys.xts import XtsDecryptor, decrypt_stream
 
 
 def encrypt_reference(key: bytes, plain: bytes, sector_size: int, ivs: list[int]):
@@ -135,3 +136,34 @@ def test_decrypts_cryptsetup_volume(tmp_path: Path, sector_size: int) -> None:
         ["debugfs", "-R", "ls -l /", str(decrypted)], capture_output=True, text=True
     )
     assert "data.bin" in listing.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stream_matches_one_call(workers: int) -> None:
+    key = os.urandom(64)
+    data = os.urandom(512 * 1000)
+    expected = XtsDecryptor(key, 512).decrypt(data, 77)
+    target = io.BytesIO()
+
+    written = decrypt_stream(
+        io.BytesIO(data),
+        target,
+        XtsDecryptor(key, 512, chunk_bytes=512 * 64),
+        length=len(data),
+        first_sector=77,
+        chunk_bytes=512 * 64,
+        workers=workers,
+    )
+
+    assert written == len(data)
+    assert target.getvalue() == expected
+
+
+def test_stream_rejects_truncated_source() -> None:
+    with pytest.raises(IntegrityError, match="it is truncated"):
+        decrypt_stream(
+            io.BytesIO(bytes(4096)),
+            io.BytesIO(),
+            XtsDecryptor(bytes(64), 4096),
+            length=8192,
+        )

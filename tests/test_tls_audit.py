@@ -17,11 +17,11 @@ from trekeys.errors import EndpointError, PolicyError
 from trekeys.lab import Lab, create_lab
 from trekeys.records import utcnow
 from trekeys.tls_endpoints import Endpoint, fetch_certificate
+from trekeys.tls_names import parse_subject_names
 from trekeys.tls_x509 import (
     build_service_certificate,
     certificate_pem,
     generate_private_key,
-    parse_subject_names,
     private_key_pem,
 )
 from trekeys.vault import Vault
@@ -75,7 +75,8 @@ def test_demo_lab_passes_with_one_warning(lab: Lab, vault: Vault) -> None:
     assert portal.hostname_verified is True
     assert portal.key_matches is True
     assert portal.issuer == ca.subject
-    assert ca.is_ca and ca.vault_key == "tls/ca"
+    assert ca.is_ca
+    assert ca.vault_key == "tls/ca"
 
 
 def test_revoked_certificate_still_deployed_fails(lab: Lab, vault: Vault) -> None:
@@ -145,6 +146,21 @@ def test_unknown_certificate_file_warns(lab: Lab, vault: Vault) -> None:
     assert report.passed
     assert stray.vault_status == "not in vault"
     assert "certificate not in the vault" in stray.warnings
+
+
+def test_self_signed_deployment_verifies(lab: Lab, vault: Vault) -> None:
+    record = tls.issue_certificate(vault, "legacy.tre.internal", self_signed=True)
+    (lab.services_dir / "legacy").mkdir()
+    tls.deploy_certificate(vault, record.id, lab.services_dir / "legacy")
+
+    with tls.serve_deployments(vault) as served:
+        report = tls.audit_tls(lab, vault, endpoints=served)
+
+    legacy = [f for f in report.findings if f.service == "legacy.tre.internal"]
+    assert [f.origin for f in legacy] == ["file", "endpoint"]
+    assert all(f.hostname_verified for f in legacy)
+    assert all(f.vault_key == record.id for f in legacy)
+    assert report.passed
 
 
 def test_live_endpoints_audited_by_handshake(lab: Lab, vault: Vault) -> None:

@@ -18,6 +18,7 @@ from tls_support import (
 
 from trekeys import tls
 from trekeys.errors import (
+    CertificateError,
     CertificateKeyMismatchError,
     DeploymentError,
     DestinationExistsError,
@@ -203,3 +204,57 @@ def test_undeploy_removes_files(vault: Vault, service_id: str, tmp_path: Path) -
     assert set(removed) == {target.chain_path, target.key_path}
     assert not target.key_path.exists()
     assert vault.get(service_id).attributes["deployments"] == "[]"
+
+
+def test_import_missing_file_rejected(vault: Vault, tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="cannot read .*missing.pem"):
+        tls.import_certificate(
+            vault, "x.tre.internal", tmp_path / "missing.pem", tmp_path / "k.pem"
+        )
+
+
+def test_failed_rename_restores_first_file(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    chain_path = tmp_path / "portal.pem"
+    chain_path.write_text("the chain the web server uses now\n")
+    key_path = tmp_path / "portal.key"
+    key_path.mkdir()
+    before = snapshot(tmp_path)
+
+    with pytest.raises(DeploymentError, match="the earlier files were put back"):
+        tls.deploy_certificate(
+            vault, service_id, tls.DeployTarget(chain_path, key_path), replace=True
+        )
+
+    assert chain_path.read_text() == "the chain the web server uses now\n"
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_replace_foreign_files_sets_key_mode(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    (tmp_path / "fullchain.pem").write_text("old chain\n")
+    (tmp_path / "privkey.pem").write_text("old key\n")
+    (tmp_path / "privkey.pem").chmod(0o644)
+
+    target = tls.deploy_certificate(vault, service_id, tmp_path, replace=True)
+
+    assert stat.S_IMODE(target.key_path.stat().st_mode) == 0o600
+    assert target.key_path.read_bytes() == vault.read_secret(service_id, "test")
+
+
+def test_deploy_with_mismatched_vault_key_rejected(
+    vault: Vault, service_id: str, tmp_path: Path
+) -> None:
+    other_key = private_key_pem(generate_private_key("ecdsa-p256"))
+    vault.put_secret(service_id, other_key, reason="test: corrupt the record")
+    folder = tmp_path / "www"
+    folder.mkdir()
+
+    with pytest.raises(CertificateKeyMismatchError, match="does not match the cert"):
+        tls.deploy_certificate(vault, service_id, folder)
+
+    assert list(folder.iterdir()) == []
+    assert vault.get(service_id).attributes.get("deployments") is None

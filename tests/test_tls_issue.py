@@ -63,9 +63,12 @@ def test_ca_profile_and_record(ca_vault: Vault, tmp_path: Path) -> None:
     usage = _extension(certificate, x509.KeyUsage)
     assert record.kind is KeyKind.TLS_CA
     assert record.state is KeyState.ACTIVE
-    assert constraints.critical and constraints.value.ca
+    assert constraints.critical
+    assert constraints.value.ca
     assert constraints.value.path_length == 0
-    assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
+    assert usage.critical
+    assert usage.value.key_cert_sign
+    assert usage.value.crl_sign
     assert record.fingerprint == fingerprint(certificate)
     assert "crl:tls/ca" in record.signs
     assert (tmp_path / "pki" / "tls-ca.pem").read_bytes() == (
@@ -100,8 +103,10 @@ def test_service_certificate_profile(ca_vault: Vault) -> None:
         ipaddress.ip_address("10.0.0.5"),
         ipaddress.ip_address("::1"),
     ]
-    assert constraints.critical and not constraints.value.ca
-    assert usage.critical and usage.value.digital_signature
+    assert constraints.critical
+    assert not constraints.value.ca
+    assert usage.critical
+    assert usage.value.digital_signature
     assert not usage.value.key_cert_sign
     assert list(extended) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert certificate.not_valid_after_utc.tzinfo is UTC
@@ -265,3 +270,22 @@ def test_certificate_outliving_ca_rejected(vault: Vault) -> None:
 def test_second_ca_rejected(ca_vault: Vault) -> None:
     with pytest.raises(RecordError, match="already active"):
         tls.create_ca(ca_vault)
+
+
+def test_service_named_by_ip_rejected(ca_vault: Vault) -> None:
+    with pytest.raises(CertificateError, match="must be named by a DNS name"):
+        tls.issue_certificate(ca_vault, "10.0.0.5", names=["portal.tre.internal"])
+
+    assert ca_vault.find(kind="tls-cert") == []
+
+
+def test_long_service_name_keeps_full_san(ca_vault: Vault, tmp_path: Path) -> None:
+    service = ("a" * 60 + ".") * 3 + "tre.internal"
+    record = tls.issue_certificate(ca_vault, service)
+    target = tls.deploy_certificate(ca_vault, record.id, tmp_path)
+    certificate = load_record_certificate(ca_vault, record.id)
+
+    sans = _extension(certificate, x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [service]
+    with tls.serve_tls(target.chain_path, target.key_path) as endpoint:
+        assert handshake(endpoint, tmp_path / "pki" / "tls-ca.pem", service)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +20,7 @@ from tls_support import (
 )
 
 from trekeys import tls
-from trekeys.errors import CertificateError, PolicyError
+from trekeys.errors import CertificateError, DeploymentError, PolicyError
 from trekeys.lab import Lab, create_lab
 from trekeys.records import KeyState, utcnow
 from trekeys.tls_records import load_record_certificate
@@ -121,6 +122,20 @@ def test_renew_same_key_past_cryptoperiod_rejected(vault: Vault) -> None:
         tls.renew_certificate(vault, record.id, now=utcnow() + timedelta(days=200))
 
     assert vault_state(vault) == before
+
+
+def test_renew_with_missing_deploy_folder_rejected(
+    vault: Vault, tmp_path: Path
+) -> None:
+    key_id = _deployed(vault, "portal.tre.internal", tmp_path / "www")
+    shutil.rmtree(tmp_path / "www")
+    before = vault_state(vault)
+
+    with pytest.raises(DeploymentError, match="www does not exist"):
+        tls.renew_certificate(vault, key_id, new_key=True)
+
+    assert vault_state(vault) == before
+    assert not (tmp_path / "www").exists()
 
 
 def test_renew_due_renews_only_due(vault: Vault) -> None:
@@ -259,8 +274,30 @@ def test_demo_lab_builds_certificates(tmp_path: Path) -> None:
         services = {s: tls.find_service_key(vault, s) for s in lab.services}
         assert all(record is not None for record in services.values())
         jupyter = services["jupyter.tre.internal"]
-        assert jupyter is not None and jupyter.expires is not None
+        assert jupyter is not None
+        assert jupyter.expires is not None
         assert timedelta(days=1) < jupyter.expires - utcnow() < timedelta(days=30)
+        ca_key_line = vault.read_secret("tls/ca", "test").splitlines()[1]
     for service in lab.services:
         assert (lab.services_dir / service / "fullchain.pem").is_file()
         assert (lab.services_dir / service / "privkey.pem").stat().st_mode & 0o077 == 0
+    lab_files = [p for p in lab.root.rglob("*") if p.is_file()]
+    assert not [p for p in lab_files if ca_key_line in p.read_bytes()]
+
+
+def test_rotate_self_signed_key(lab_with_ca: tuple[Lab, Vault]) -> None:
+    lab, vault = lab_with_ca
+    folder = lab.services_dir / "legacy"
+    _deployed(vault, "legacy.tre.internal", folder, self_signed=True)
+
+    new_ids = tls.rotate_key(
+        lab, vault, "tls/legacy.tre.internal", reason="yearly", compromised=False
+    )
+
+    new = load_record_certificate(vault, new_ids[0])
+    assert new_ids == ["tls/legacy.tre.internal@2"]
+    assert new.issuer == new.subject
+    assert vault.get("tls/legacy.tre.internal").state is KeyState.DEACTIVATED
+    assert not (lab.root / "pki" / "tls-ca.crl.pem").exists()
+    with tls.serve_tls(folder / "fullchain.pem", folder / "privkey.pem") as endpoint:
+        assert handshake(endpoint, folder / "fullchain.pem", "legacy.tre.internal")

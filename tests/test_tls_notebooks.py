@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from click.testing import CliRunner
+
 from trekeys import tls
+from trekeys.cli import main
 from trekeys.drills import run_drills
 from trekeys.lab import Lab
 from trekeys.records import utcnow
@@ -33,11 +36,15 @@ def test_audit_drill_fails_on_revoked_deployment(full_lab: Lab, tmp_path: Path) 
     with full_lab.open_vault() as vault:
         tls.revoke_certificate(vault, "tls/portal.tre.internal", "keyCompromise")
 
-    outcome = _outcomes(full_lab, tmp_path / "reports", ["tls-audit"])
+    result = CliRunner().invoke(
+        main,
+        ["drill", "tls-audit", "--lab", str(full_lab.root), "--out", str(tmp_path)],
+    )
 
-    assert outcome["tls-audit"].startswith("failed")
-    assert "nothing expired, revoked or mismatched" in outcome["tls-audit"]
-    assert "portal.tre.internal" in outcome["tls-audit"]
+    assert result.exit_code == 1
+    assert "failed     tls-audit" in result.output
+    assert "nothing expired, revoked or mismatched" in result.output
+    assert "portal.tre.internal" in result.output
 
 
 def test_audit_drill_fails_on_expired_deployment(full_lab: Lab, tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
     IntegrityError,
-    ManifestMismatchError,
     PolicyError,
+    TransferManifestError,
 )
 from trekeys.lab import Lab, create_lab
 from trekeys.records import KeyState
@@ -90,8 +90,9 @@ def test_changes_are_named(lab, folder, manifest):
     (folder / "a.csv").write_text("id,value\n1,3\n")
     (folder / "sub" / "deeper" / "empty.txt").unlink()
     (folder / "added.txt").write_text("smuggled")
+    manifest_before = manifest.read_bytes()
     with lab.open_vault() as vault:
-        with pytest.raises(ManifestMismatchError, match="added: added.txt") as caught:
+        with pytest.raises(TransferManifestError, match="added: added.txt") as caught:
             transfer.verify_manifest(vault, manifest, folder)
     error = caught.value
     assert error.added == ["added.txt"]
@@ -99,6 +100,8 @@ def test_changes_are_named(lab, folder, manifest):
     assert error.changed == ["a.csv"]
     assert "removed: sub/deeper/empty.txt" in str(error)
     assert "changed: a.csv" in str(error)
+    assert manifest.read_bytes() == manifest_before
+    assert (folder / "added.txt").read_text() == "smuggled"
 
 
 def test_same_size_change_detected(lab, folder, manifest):
@@ -205,3 +208,16 @@ def test_transfer_manifests_notebook_passes_twice(full_lab, tmp_path):
             full_lab.root, tmp_path / f"reports-{attempt}", names=["transfer-manifests"]
         )
         assert run.passed, run.drills[0].error
+
+
+def test_cli_verify_names_changed_file(lab, folder, manifest):
+    from click.testing import CliRunner
+
+    from trekeys.cli import main
+
+    (folder / "a.csv").write_text("changed\n")
+    result = CliRunner().invoke(
+        main, ["transfer", "verify", "--lab", str(lab.root), str(manifest), str(folder)]
+    )
+    assert result.exit_code == 1
+    assert "changed: a.csv" in result.output

@@ -76,7 +76,7 @@ def test_wrap_and_unwrap_round_trip(lab, tmp_path):
     assert package.stat().st_mode & 0o777 == 0o600
 
 
-def test_package_holds_no_clear_key(lab):
+def test_package_contains_no_clear_key(lab):
     with lab.open_vault() as vault:
         package = wrap.wrap_key(lab, vault, "mac/alpha-import", "alice")
     text = package.read_text()

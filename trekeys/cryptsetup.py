@@ -165,7 +165,7 @@ def _tool_error(
         )
     if name == "cryptsetup" and re.search(r"not a valid LUKS device", stderr):
         return NotLuksError(
-            f"{target} holds no LUKS header; check the path or restore the header "
+            f"{target} contains no LUKS header; check the path or restore the header "
             "from a verified backup."
         )
     command = args[0] if args else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -221,46 +222,58 @@ def master_fingerprint(master_secret: bytes) -> str:
 def check_each_share(
     share_files: Sequence[Path], threshold: int, fingerprint: str
 ) -> list[dict[str, Any]]:
-    """Check every share on its own: each must rebuild the master secret with others.
+    """Check each share file on its own against the master secret's fingerprint.
 
-    A working threshold can hide one bad share, so each share is combined with
-    the next `threshold - 1` shares in turn and the result compared with the
-    master secret's fingerprint.
+    Each share is tried with every group of `threshold - 1` other readable
+    shares until one group rebuilds the master secret. A share is valid only
+    if such a group exists, so a bad share fails even when the others still
+    make a threshold, and a good share passes despite a bad neighbour.
 
     Returns:
-        One row per share file: custodian file, valid, detail.
+        One row per share file: custodian, file, valid, proven_with, detail.
     """
-    words: list[str | ShareError] = []
+    words: dict[Path, str] = {}
+    errors: dict[Path, str] = {}
     for path in share_files:
         try:
-            words.append(read_share_file(path))
+            words[Path(path)] = read_share_file(Path(path))
         except ShareError as exc:
-            words.append(exc)
+            errors[Path(path)] = str(exc)
 
     rows = []
-    for index, path in enumerate(share_files):
+    for path in map(Path, share_files):
         row: dict[str, Any] = {
-            "custodian": Path(path).stem,
+            "custodian": path.stem,
+            "file": path.name,
             "valid": False,
-            "detail": "",
+            "proven_with": "",
+            "detail": errors.get(path, ""),
         }
-        own = words[index]
-        if isinstance(own, ShareError):
-            row["detail"] = str(own)
-            rows.append(row)
-            continue
-        others = [w for i, w in enumerate(words) if i != index and isinstance(w, str)]
-        group = [own, *others[: threshold - 1]]
-        try:
-            rebuilt = master_fingerprint(combine_shares(group))
-        except CredentialError as exc:
-            row["detail"] = str(exc)
-        else:
-            row["valid"] = rebuilt == fingerprint
+        if path in words:
+            partners = _find_partners(path, words, threshold, fingerprint)
+            row["valid"] = partners is not None
+            row["proven_with"] = ", ".join(p.stem for p in partners or [])
             row["detail"] = (
-                "rebuilds the master secret"
-                if row["valid"]
-                else ("rebuilds a different secret: the share is from another split")
+                "rebuilds the master secret with other shares"
+                if partners is not None
+                else "rebuilds the master secret with no group of the other shares: "
+                "the share is damaged or from another split"
             )
         rows.append(row)
+        if not row["valid"]:
+            logger.warning("custody share %s failed its own check", path)
     return rows
+
+
+def _find_partners(
+    own: Path, words: dict[Path, str], threshold: int, fingerprint: str
+) -> list[Path] | None:
+    others = [p for p in words if p != own]
+    for group in itertools.combinations(others, threshold - 1):
+        try:
+            secret = combine_shares([words[own], *(words[p] for p in group)])
+        except CredentialError:
+            continue
+        if master_fingerprint(secret) == fingerprint:
+            return list(group)
+    return None

@@ -23,7 +23,8 @@ and the next step. Messages about credentials never say which part was wrong.
     │   ├── HeaderBackupError     a LUKS header backup is corrupt or of another volume
     │   ├── ManifestMismatchError recovered files differ from their manifest
     │   ├── TransferManifestError files differ from their transfer manifest
-    │   └── RecipientMismatchError  a backup is encrypted to other keys
+    │   ├── RecipientMismatchError  a backup is encrypted to other keys
+    │   └── TranscriptError       a sealed ceremony transcript fails verification
     ├── VolumeError               a storage volume cannot be used as asked
     │   ├── NotLuksError          the device holds no LUKS header
     │   └── UnsupportedVolumeError  LUKS1, or a layout trekeys cannot recover
@@ -37,7 +38,8 @@ and the next step. Messages about credentials never say which part was wrong.
     │                             revoked or cannot encrypt
     ├── KeyringMissingError       a GnuPG home folder is missing
     ├── PolicyError               an action the key management policy forbids
-    │   └── WeakPassphraseError   a passphrase is too easy to guess
+    │   ├── WeakPassphraseError   a passphrase is too easy to guess
+    │   └── CeremonyError         a ceremony step without the roles it needs
     ├── LabError                  a demo TRE folder is missing or invalid
     ├── DrillError                a drill failed or could not run
     ├── IncidentError             a compromise analysis or response failed
@@ -45,7 +47,8 @@ and the next step. Messages about credentials never say which part was wrong.
     │   ├── DependencyCycleError  key protection records form a cycle
     │   ├── RotatorMissingError   no rotator is installed for a kind of key
     │   └── ResponseStepError     a response step failed; the plan stopped
-    └── DestinationExistsError    an output would overwrite existing data
+    ├── DestinationExistsError    an output would overwrite existing data
+    └── RestoreWriteError         restored files could not be written
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class ToolMissingError(ToolError):
 
 
 class AgentError(ToolError):
-    """gpg-agent did not start or did not answer for a GnuPG home folder."""
+    """gpg-agent did not start or did not respond for a GnuPG home folder."""
 
 
 class CredentialError(TrekeysError):
@@ -381,3 +384,24 @@ class ResponseStepError(IncidentError):
         self.step = step
         self.done = done
         self.not_done = not_done
+
+
+class TranscriptError(IntegrityError):
+    """A sealed ceremony transcript fails verification.
+
+    Attributes:
+        entry: the 1-based number of the first bad entry, or None when the
+            failure is in the seal rather than in one entry.
+    """
+
+    def __init__(self, message: str, *, entry: int | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+
+
+class CeremonyError(PolicyError):
+    """A ceremony cannot start or go on: a role, witness or step is missing."""
+
+
+class RestoreWriteError(TrekeysError):
+    """A restore could not write its files, for example because the disk is full."""

@@ -1,179 +1,58 @@
 """User file encryption with escrowed keys.
 
 TRE users protect the data they copy into their home folders with a
-passphrase, and the key manager stores the keys that open it. Each user has
-an OpenPGP escrow key pair (``files/<user>``): its secret key lives only in
-the vault, its public key in the escrow keyring. A user's file or folder is
-encrypted once, as one OpenPGP message that both the user's passphrase and
-the escrow key open (see `trekeys.pgpfile`). A folder is streamed as a tar
-archive and named ``<folder>.tar.gpg``.
-
-The escrow record lists the files it protects as far as trekeys knows, with
-paths relative to the lab folder when they lie inside it.
+passphrase, and the key manager stores the keys that open it. A user's file
+or folder is encrypted once, as one OpenPGP message that both the user's
+passphrase and their escrow key (`trekeys.escrow`) open (see
+`trekeys.pgpfile`). A folder is streamed as a tar archive and named
+``<folder>.tar.gpg``. Recovery from the escrow is audited, and rotation
+re-encrypts every file a replaced key protects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import secrets
 import shutil
-import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from zxcvbn import zxcvbn
-
-from trekeys import pgpfile
+from trekeys import archives, pgpfile
 from trekeys.errors import (
     CredentialError,
-    DestinationExistsError,
     RecordError,
-    WeakPassphraseError,
+)
+from trekeys.escrow import (
+    ESCROW_ROLE,
+    PASSPHRASE_ROLE,
+    create_escrow_key,
+    escrow_home,
+    escrow_key_for,
+    find_user_key,
+    lab_reference,
+    protected_files,
+    remember_file,
+    require_escrow_key,
+    store_passphrase,
 )
 from trekeys.lab import Lab
-from trekeys.outputs import staged_output
+from trekeys.passphrases import check_passphrase_strength, generate_passphrase
 from trekeys.pgpfile import S2kSettings
-from trekeys.records import KeyKind, KeyRecord, KeyState
-from trekeys.rotation import next_key_id, retire_key
+from trekeys.records import KeyRecord, KeyState
+from trekeys.succession import next_key_id, retire_key
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
 
-ESCROW_ROLE = "escrow"
-PASSPHRASE_ROLE = "passphrase"
 FILE_SUFFIX = ".gpg"
-FOLDER_SUFFIX = ".tar.gpg"
-# zxcvbn scores run from 0 to 4; 3 means "safely unguessable" (about 10^10
-# guesses) against an offline attack on a slow hash.
-MIN_PASSPHRASE_SCORE = 3
-ESCROW_CRYPTOPERIOD_DAYS = 730
-
-
-def escrow_home(lab: Lab) -> Path:
-    """Return the GNUPGHOME that holds the escrow public keys of the lab."""
-    return lab.root / "keyrings" / "escrow"
+FOLDER_SUFFIX = archives.FOLDER_SUFFIX
 
 
 def s2k_settings(lab: Lab) -> S2kSettings:
     """Return the passphrase S2K settings that match the lab's KDF strength."""
     return S2kSettings.test() if lab.fast_kdf else S2kSettings.production()
-
-
-def check_passphrase_strength(
-    passphrase: str,
-    *,
-    user_inputs: Sequence[str] = (),
-    min_score: int = MIN_PASSPHRASE_SCORE,
-) -> int:
-    """Estimate how guessable a passphrase is with zxcvbn and reject weak ones.
-
-    Args:
-        passphrase: the passphrase; it never appears in a message or log.
-        user_inputs: words an attacker would try first, such as the user name.
-        min_score: the lowest zxcvbn score (0 to 4) accepted.
-
-    Returns:
-        The zxcvbn score.
-
-    Raises:
-        WeakPassphraseError: the score is below `min_score`; the message gives
-            zxcvbn's warning and suggestions.
-    """
-    pgpfile.check_passphrase_characters(passphrase)
-    result = zxcvbn(passphrase, user_inputs=list(user_inputs))
-    score = int(result["score"])
-    if score >= min_score:
-        return score
-
-    feedback = result.get("feedback") or {}
-    reasons = [feedback.get("warning") or ""] + list(feedback.get("suggestions") or [])
-    advice = " ".join(r.strip() for r in reasons if r and r.strip())
-    raise WeakPassphraseError(
-        f"the passphrase is too easy to guess (strength {score} of 4, at least "
-        f"{min_score} required). {advice or 'Use a longer passphrase.'} "
-        "Choose a longer passphrase of several uncommon words."
-    )
-
-
-def generate_passphrase() -> str:
-    """Return a random passphrase of 144 bits, for demo users and rotations."""
-    return secrets.token_urlsafe(18)
-
-
-# Keys and records
-
-
-def create_escrow_key(
-    lab: Lab, vault: Vault, user: str, *, key_id: str | None = None
-) -> KeyRecord:
-    """Create a user's escrow key, store it in the vault and its public key in the
-    escrow keyring."""
-    key_id = key_id or f"files/{user}"
-    escrow = pgpfile.generate_escrow_key(f"trekeys escrow {key_id}")
-    pgpfile.import_key(escrow_home(lab), escrow.public)
-    record = KeyRecord(
-        id=key_id,
-        kind=KeyKind.FILE_KEY,
-        purpose=f"Escrow key that recovers the files {user} encrypts (policy 4.1.2).",
-        owner=f"user:{user}",
-        state=KeyState.ACTIVE,
-        cryptoperiod_days=ESCROW_CRYPTOPERIOD_DAYS,
-        fingerprint=escrow.fingerprint,
-        algorithm="OpenPGP Ed25519 with Curve25519 (ECDH) encryption subkey",
-        strength_bits=128,
-        protects=[f"files:{user}"],
-        locations=["vault", f"public key in {_reference(lab, escrow_home(lab))}"],
-        attributes={
-            "role": ESCROW_ROLE,
-            "user": user,
-            "encryption_key_id": escrow.encryption_key_id,
-            "files": "[]",
-        },
-    )
-    record.activated = record.created
-    vault.add(record, escrow.secret, attachments={"public.asc": escrow.public.encode()})
-    return record
-
-
-def store_passphrase(
-    vault: Vault, user: str, passphrase: str, *, key_id: str | None = None
-) -> KeyRecord:
-    """Store a user's file passphrase in the vault (policy 4.1.2: the key manager
-    stores the keys that users' passphrases operate)."""
-    estimate = zxcvbn(passphrase)
-    record = KeyRecord(
-        id=key_id or f"files/{user}/passphrase",
-        kind=KeyKind.FILE_KEY,
-        purpose=f"Passphrase with which {user} encrypts their files.",
-        owner=f"user:{user}",
-        custodian=f"user {user} and TRE System Administrators",
-        state=KeyState.ACTIVE,
-        algorithm="OpenPGP passphrase (iterated and salted S2K, AES-256)",
-        strength_bits=int(float(estimate["guesses_log10"]) * 3.3219),
-        protects=[f"files:{user}"],
-        locations=["vault", f"memory of {user}"],
-        attributes={"role": PASSPHRASE_ROLE, "user": user},
-    )
-    record.activated = record.created
-    vault.add(record, passphrase)
-    return record
-
-
-def find_user_key(vault: Vault, user: str, role: str) -> KeyRecord | None:
-    """Return the active escrow or passphrase record of `user`, or None."""
-    for record in vault.find(kind=KeyKind.FILE_KEY.value, owner=f"user:{user}"):
-        if record.attributes.get("role") == role and record.state is KeyState.ACTIVE:
-            return record
-    return None
-
-
-def protected_files(lab: Lab, record: KeyRecord) -> list[Path]:
-    """Return the ciphertexts that an escrow record protects, as far as it knows."""
-    return [_resolve(lab, ref) for ref in json.loads(record.attributes["files"])]
 
 
 # Encryption and recovery
@@ -210,13 +89,13 @@ def encrypt_path(
     source = Path(source)
     if check_strength:
         check_passphrase_strength(passphrase, user_inputs=[user])
-    record = _require_escrow_key(vault, user)
+    record = require_escrow_key(vault, user)
     suffix = FOLDER_SUFFIX if source.is_dir() else FILE_SUFFIX
     dest = Path(dest) if dest else source.with_name(source.name + suffix)
 
     _encrypt(lab, record, source, dest, passphrase, overwrite=overwrite)
 
-    _remember_file(lab, vault, record, dest)
+    remember_file(lab, vault, record, dest)
     return dest
 
 
@@ -231,10 +110,10 @@ def decrypt_path(
         DestinationExistsError: `dest` exists and `overwrite` is false.
     """
 
-    def run(out: IO[bytes]) -> None:
+    def run(out: Path) -> None:
         pgpfile.decrypt(Path(source), out, passphrase=passphrase)
 
-    return _write_plaintext(Path(source), Path(dest), run, overwrite=overwrite)
+    return archives.write_plaintext(Path(source), Path(dest), run, overwrite=overwrite)
 
 
 def decrypt_with_stored_passphrase(
@@ -274,7 +153,7 @@ def recover_path(
     if not reason.strip():
         raise RecordError("escrow recovery needs a reason for the audit log.")
     recipients = pgpfile.list_recipients(source)
-    record = vault.get(key_id) if key_id else _escrow_key_for(vault, recipients, source)
+    record = vault.get(key_id) if key_id else escrow_key_for(vault, recipients, source)
     subkey = record.attributes.get("encryption_key_id", "")
     if subkey not in recipients:
         raise CredentialError(
@@ -283,16 +162,18 @@ def recover_path(
             f"{record.id} ({subkey}); recover it with the escrow key that matches."
         )
 
-    detail = f"{_reference(lab, source)} -> {_reference(lab, dest)}; reason: {reason}"
+    detail = (
+        f"{lab_reference(lab, source)} -> {lab_reference(lab, dest)}; reason: {reason}"
+    )
     try:
         secret = vault.read_secret(record.id, f"escrow recovery: {reason}")
 
-        def run(out: IO[bytes]) -> None:
+        def run(out: Path) -> None:
             pgpfile.decrypt(
                 source, out, secret_key=secret.decode("ascii"), key_label=record.id
             )
 
-        _write_plaintext(source, dest, run, overwrite=overwrite)
+        archives.write_plaintext(source, dest, run, overwrite=overwrite)
     except Exception:
         vault.record_operation("escrow-recovery", record.id, "failure", detail)
         logger.warning("escrow recovery of %s with %s failed", source, record.id)
@@ -310,10 +191,12 @@ def rotate_key(
 ) -> list[str]:
     """Replace a user's escrow key or passphrase and re-encrypt their files.
 
-    An escrow key is replaced by a new key pair; a passphrase by a new random
-    one. Every file the old key protects is decrypted from the escrow and
-    encrypted again, and each new ciphertext is checked before it replaces the
-    old one. The old key becomes compromised or deactivated.
+    An escrow key is replaced by a new key pair, a passphrase by a new random
+    one. The new key is saved in the vault before any file depends on it.
+    Every file the old key protects is then encrypted again into a staging
+    file and test-decrypted with the new key. Only when all of them pass do
+    they replace the old ciphertexts, and the new key becomes active. If any
+    file fails, the new key is destroyed and every file stays as it was.
 
     Returns:
         The ids of the new keys.
@@ -328,25 +211,40 @@ def rotate_key(
     new_escrow, new_passphrase = escrow, passphrase_record
     if record.attributes.get("role") == PASSPHRASE_ROLE:
         new_passphrase = store_passphrase(
-            vault, user, generate_passphrase(), key_id=next_key_id(vault, key_id)
+            vault,
+            user,
+            generate_passphrase(),
+            key_id=next_key_id(vault, key_id),
+            state=KeyState.PRE_ACTIVATION,
         )
-        new_ids = [new_passphrase.id]
+        new_key = new_passphrase
     else:
         new_escrow = create_escrow_key(
-            lab, vault, user, key_id=next_key_id(vault, escrow.id)
+            lab,
+            vault,
+            user,
+            key_id=next_key_id(vault, escrow.id),
+            state=KeyState.PRE_ACTIVATION,
         )
-        new_ids = [new_escrow.id]
+        new_key = new_escrow
+    vault.save()
 
     passphrase = (
         vault.read_secret(new_passphrase.id, f"rotation: {reason}").decode("utf-8")
         if new_passphrase is not None
         else None
     )
-    _reencrypt_files(lab, vault, escrow, new_escrow, passphrase, reason)
+    try:
+        _reencrypt_files(lab, vault, escrow, new_escrow, passphrase, reason)
+    except BaseException:
+        vault.destroy(new_key.id, f"rotation of {key_id} failed; no file changed")
+        vault.save()
+        raise
 
+    vault.transition(new_key.id, KeyState.ACTIVE, f"replaces {key_id}: {reason}")
     retire_key(vault, key_id, reason=reason, compromised=compromised)
-    logger.info("rotated %s to %s", key_id, ", ".join(new_ids))
-    return new_ids
+    logger.info("rotated %s to %s", key_id, new_key.id)
+    return [new_key.id]
 
 
 def _reencrypt_files(
@@ -363,33 +261,38 @@ def _reencrypt_files(
             "key only, and the user must encrypt them again with a passphrase",
             old.attributes.get("user"),
         )
-    for path in protected_files(lab, old):
-        if not path.exists():
-            logger.warning("protected file %s is missing; skipped", path)
-            continue
-        staging = Path(tempfile.mkdtemp(prefix=".trekeys-rotate-", dir=path.parent))
-        try:
+    old_secret = vault.read_secret(old.id, f"re-encryption: {reason}").decode()
+    new_secret = vault.read_secret(new.id, f"check re-encryption: {reason}").decode()
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path in protected_files(lab, old):
+            if not path.exists():
+                logger.warning("protected file %s is missing; skipped", path)
+                continue
+            staging = Path(tempfile.mkdtemp(prefix=".trekeys-rotate-", dir=path.parent))
+            staged.append((path, staging))
             plain = staging / "plain"
-            secret = vault.read_secret(old.id, f"re-encryption: {reason}")
-            with open(plain, "xb") as out:
-                pgpfile.decrypt(path, out, secret_key=secret.decode("ascii"))
-            rewritten = staging / "new.gpg"
+            pgpfile.decrypt(path, plain, secret_key=old_secret)
             pgpfile.encrypt(
                 plain,
-                rewritten,
+                staging / "new.gpg",
                 home=escrow_home(lab),
                 recipient=new.fingerprint,
                 passphrase=passphrase,
                 settings=s2k_settings(lab),
                 literal_name=path.name.removesuffix(FILE_SUFFIX),
             )
-            new_secret = vault.read_secret(new.id, f"check re-encryption: {reason}")
-            with open(os.devnull, "wb") as sink:
-                pgpfile.decrypt(rewritten, sink, secret_key=new_secret.decode("ascii"))
-            os.replace(rewritten, path)
-        finally:
+            plain.unlink()
+            pgpfile.decrypt(staging / "new.gpg", plain, secret_key=new_secret)
+            plain.unlink()
+
+        # Every new ciphertext passed its check, so the old ones can go.
+        for path, staging in staged:
+            os.replace(staging / "new.gpg", path)
+            remember_file(lab, vault, new, path)
+    finally:
+        for _, staging in staged:
             shutil.rmtree(staging, ignore_errors=True)
-        _remember_file(lab, vault, new, path)
 
 
 # Lab
@@ -436,27 +339,6 @@ def _remove_plaintext(path: Path) -> None:
 # Internals
 
 
-def _require_escrow_key(vault: Vault, user: str) -> KeyRecord:
-    record = find_user_key(vault, user, ESCROW_ROLE)
-    if record is None:
-        raise RecordError(
-            f"user {user} has no active escrow key in the vault; create one with "
-            f"'trekeys files create-key {user}'."
-        )
-    return record
-
-
-def _escrow_key_for(vault: Vault, recipients: list[str], source: Path) -> KeyRecord:
-    for record in vault.find(kind=KeyKind.FILE_KEY.value):
-        if record.attributes.get("encryption_key_id") in recipients:
-            return record
-    raise CredentialError(
-        f"{source} is encrypted to OpenPGP key "
-        f"{', '.join(recipients) or 'none (passphrase only)'}, and no escrow key in "
-        "the vault matches; check that the file comes from this TRE."
-    )
-
-
 def _encrypt(
     lab: Lab,
     record: KeyRecord,
@@ -469,7 +351,7 @@ def _encrypt(
     content: Path | Callable[[IO[bytes]], None] = source
     literal_name = source.name
     if source.is_dir():
-        content = _tar_writer(source)
+        content = archives.tar_writer(source)
         literal_name = source.name + ".tar"
     pgpfile.encrypt(
         content,
@@ -481,90 +363,3 @@ def _encrypt(
         literal_name=literal_name,
         overwrite=overwrite,
     )
-
-
-def _tar_writer(folder: Path) -> Callable[[IO[bytes]], None]:
-    def write(pipe: IO[bytes]) -> None:
-        with tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(folder, arcname=folder.name)
-
-    return write
-
-
-def _write_plaintext(
-    source: Path,
-    dest: Path,
-    run: Callable[[IO[bytes]], None],
-    *,
-    overwrite: bool,
-) -> Path:
-    if not source.name.endswith(FOLDER_SUFFIX):
-        with staged_output(dest, overwrite=overwrite) as out:
-            run(out)
-        return dest
-
-    # A folder is never merged into or swapped for an existing one.
-    if dest.exists():
-        raise DestinationExistsError(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".{dest.name}.", suffix=".trekeys-partial", dir=dest.parent
-        )
-    )
-    try:
-        archive = staging / "archive.tar"
-        with open(archive, "xb") as out:
-            run(out)
-        _extract_single_folder(archive, staging / "tree", dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
-
-
-def _extract_single_folder(archive: Path, tree: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:") as tar:
-        tops = {member.name.split("/")[0] for member in tar.getmembers()}
-        if len(tops) != 1:
-            raise RecordError(
-                f"the archive in {archive.name} holds {len(tops)} top-level entries, "
-                "not one folder; decrypt it with gpg and inspect it."
-            )
-        # The "data" filter rejects absolute paths, links out of the tree and
-        # device files (Python 3.11.4 and later).
-        tar.extractall(tree, filter="data")
-    os.rename(tree / tops.pop(), dest)
-
-
-def _remember_file(lab: Lab, vault: Vault, record: KeyRecord, path: Path) -> None:
-    files = json.loads(record.attributes.get("files", "[]"))
-    reference = _reference(lab, path)
-    if reference not in files:
-        files.append(reference)
-        record.attributes["files"] = json.dumps(files)
-        vault.update(record, operation="protect-file", detail=reference)
-
-
-def _reference(lab: Lab, path: Path) -> str:
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(lab.root))
-    except ValueError:
-        return str(resolved)
-
-
-def _resolve(lab: Lab, reference: str) -> Path:
-    path = Path(reference)
-    return path if path.is_absolute() else lab.root / path
-
-
-def user_summary(lab: Lab, vault: Vault, user: str) -> dict[str, Any]:
-    """Return a user's active escrow and passphrase key ids and protected files."""
-    escrow = find_user_key(vault, user, ESCROW_ROLE)
-    passphrase = find_user_key(vault, user, PASSPHRASE_ROLE)
-    return {
-        "user": user,
-        "escrow key": escrow.id if escrow else "none",
-        "passphrase key": passphrase.id if passphrase else "none",
-        "files": [str(p) for p in protected_files(lab, escrow)] if escrow else [],
-    }

@@ -116,8 +116,8 @@ def check_certificate(
     lab: Lab, vault: Vault, old_id: str, new_ids: list[str]
 ) -> list[dict[str, Any]]:
     """Check that the old certificate is revoked and the new one has a new key."""
-    from trekeys.tls_lifecycle import crl_entries
     from trekeys.tls_records import load_record_certificate
+    from trekeys.tls_revoke import crl_entries
 
     old = vault.get(old_id)
     issuer = old.attributes.get("issuer", "")

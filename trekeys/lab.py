@@ -48,7 +48,10 @@ LAB_STEPS: list[str] = [
     "trekeys.files:build_lab",
     "trekeys.transfer:build_lab",
     "trekeys.wrap:build_lab",
+    "trekeys.ssh:build_lab",
+    "trekeys.backup:build_lab",
     "trekeys.incident:build_lab",
+    "trekeys.ceremony:build_lab",
 ]
 
 DEMO_CUSTODIANS = (

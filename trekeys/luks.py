@@ -3,7 +3,7 @@
 Each project instance has one LUKS2 volume with two keyslots: the boot key,
 a key file that the instance's virtual machine unlocks the volume with at
 boot, and the recovery passphrase that the key manager holds (policy 4.1.1).
-The vault holds both, the volume key itself, the LUKS UUID and segment
+The vault stores both, the volume key itself, the LUKS UUID and segment
 metadata, a verified header backup and, for demo volumes, a manifest of the
 files on the volume. Recovery lives in `trekeys.luks_recovery` and key
 rotation in `trekeys.luks_lifecycle`.
@@ -150,7 +150,7 @@ def provision_volume(
 
     Raises:
         DestinationExistsError: the image, or the boot key file, exists.
-        VolumeError: `device` already holds a LUKS volume.
+        VolumeError: `device` already contains a LUKS volume.
         RecordError: the instance already has volume keys in the vault.
     """
     kdf = kdf or KdfSettings.production()
@@ -172,26 +172,18 @@ def provision_volume(
     manifest: list[dict[str, object]] | None = None
     if source_dir is not None:
         manifest = build_manifest(source_dir)
-        build_ext4_image(source_dir, device, fs_bytes, reduce_size(keyslots_bytes))
-        header = encrypt_in_place(
-            device,
-            boot_key,
-            kdf=kdf,
-            sector_size=sector_size,
-            keyslots_bytes=keyslots_bytes,
+    try:
+        header = _create_volume(
+            device, boot_key, source_dir, fs_bytes, kdf, sector_size, keyslots_bytes
         )
-    else:
-        _check_not_luks(device)
-        header = format_volume(
-            device,
-            boot_key,
-            kdf=kdf,
-            sector_size=sector_size,
-            keyslots_bytes=keyslots_bytes,
-        )
-    boot_slot = int(next(iter(header.keyslots)))
-    passphrase_slot = add_keyslot(device, boot_key, passphrase.encode(), kdf=kdf)
-    volume_key = dump_volume_key(device, passphrase.encode())
+        boot_slot = int(next(iter(header.keyslots)))
+        passphrase_slot = add_keyslot(device, boot_key, passphrase.encode(), kdf=kdf)
+        volume_key = dump_volume_key(device, passphrase.encode())
+    except BaseException:
+        # An image that this call created is useless without its keys.
+        if source_dir is not None:
+            device.unlink(missing_ok=True)
+        raise
     write_boot_key(boot_key_file, boot_key)
 
     header = read_header(device)
@@ -216,11 +208,41 @@ def provision_volume(
     return ids
 
 
+def _create_volume(
+    device: Path,
+    boot_key: bytes,
+    source_dir: Path | None,
+    fs_bytes: int,
+    kdf: KdfSettings,
+    sector_size: int,
+    keyslots_bytes: int,
+) -> LuksHeader:
+    """Format `device`, or build it from `source_dir` and encrypt it in place."""
+    if source_dir is None:
+        _check_not_luks(device)
+        return format_volume(
+            device,
+            boot_key,
+            kdf=kdf,
+            sector_size=sector_size,
+            keyslots_bytes=keyslots_bytes,
+        )
+
+    build_ext4_image(source_dir, device, fs_bytes, reduce_size(keyslots_bytes))
+    return encrypt_in_place(
+        device,
+        boot_key,
+        kdf=kdf,
+        sector_size=sector_size,
+        keyslots_bytes=keyslots_bytes,
+    )
+
+
 def _check_not_luks(device: Path) -> None:
     with device.open("rb") as handle:
         if handle.read(6) == b"LUKS\xba\xbe":
             raise VolumeError(
-                f"{device} already holds a LUKS volume; destroy it with 'trekeys "
+                f"{device} already contains a LUKS volume; destroy it with 'trekeys "
                 "volume destroy' or choose another device."
             )
 

@@ -2,7 +2,7 @@
 
 A LUKS2 header starts with a 4096-byte binary header followed by the JSON
 metadata area; a second copy of both follows at offset ``hdr_size``. The
-binary header holds the magic, version, header size, sequence id, label,
+binary header contains the magic, version, header size, sequence id, label,
 UUID and a SHA-256 checksum over the binary header and JSON area with the
 checksum field zeroed. Parsing it ourselves lets trekeys check a header
 backup (checksum, UUID, keyslots) before ``cryptsetup luksHeaderRestore``

@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 CIPHER = "aes-xts-plain64"
 KEY_BITS = 512
 DEFAULT_SECTOR_SIZE = 4096
-# cryptsetup's default keyslot area (16 MiB of header) holds 32 keyslots of
-# 512-bit keys; the demo TRE uses a 2 MiB header, which holds 8.
+# cryptsetup's default 16 MiB header has room for the LUKS2 maximum of 32
+# keyslots of 512-bit keys (258048 bytes each). The demo TRE's 2 MiB header
+# has room for 8.
 SMALL_KEYSLOTS_BYTES = 2016 * 1024
 DEFAULT_KEYSLOTS_BYTES = 16 * 1024 * 1024 - 32 * 1024
 
@@ -308,6 +309,6 @@ def extract_ext4(image: Path, target: Path) -> None:
     stderr = result.stderr.decode("utf-8", "replace")
     if "Bad magic" in stderr or "not open" in stderr or "rdump:" in stderr:
         raise IntegrityError(
-            f"the decrypted image {image} holds no readable ext4 file system; the "
+            f"the decrypted image {image} contains no readable ext4 file system; the "
             "volume key or the segment metadata is wrong."
         )

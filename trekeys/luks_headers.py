@@ -1,6 +1,6 @@
 """Header backups and file manifests of LUKS2 volumes, kept in the vault.
 
-A header backup (``cryptsetup luksHeaderBackup``) holds the keyslots, so
+A header backup (``cryptsetup luksHeaderBackup``) contains the keyslots, so
 with a passphrase it gives back the volume key even after the live header is
 damaged. Each backup is verified against the live header as soon as it is
 made (UUID, keyslots, digests, segments), attached to the volume key record

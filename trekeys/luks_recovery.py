@@ -3,11 +3,11 @@
 The drill proves policy 4.4 ("routine tests ... restore and decrypt user data
 by recovering the associated storage volume and its encryption key") without
 device-mapper. It works on a copy of the volume in a private scratch folder
-and never writes to the live volume: it destroys the copy's header, restores
-it from the vault's header backup, opens it with the escrowed recovery
-passphrase, recovers the volume key, decrypts the data segment in user space
-(`trekeys.xts`), extracts the ext4 file system with ``debugfs`` and compares
-every file with the manifest. A second path proves recovery from the
+and never writes to the live volume. It destroys the copy's header, restores
+it from the vault's header backup and opens it with the escrowed recovery
+passphrase. Then it recovers the volume key, decrypts the data segment in
+user space (`trekeys.xts`), extracts the ext4 file system with ``debugfs``
+and compares every file with the manifest. A second path proves recovery from the
 escrowed volume key alone after every keyslot is erased. The scratch folder,
 with every decrypted byte, is removed when the drill ends, fails, or its
 process exits.
@@ -102,7 +102,7 @@ def decrypt_segment(
 
 
 def compare_with_manifest(folder: Path, manifest: list[dict[str, object]]) -> int:
-    """Check that `folder` holds exactly the manifest's files, sizes and hashes.
+    """Check that `folder` contains exactly the manifest's files, sizes and hashes.
 
     Returns:
         The number of files checked.
@@ -148,10 +148,10 @@ def compare_with_manifest(folder: Path, manifest: list[dict[str, object]]) -> in
 def remove_stale_scratch(lab: Lab) -> list[Path]:
     """Remove scratch folders whose drill process is gone (a killed kernel).
 
-    Each scratch folder holds the process id of its drill in ``owner.pid``;
+    Each scratch folder stores the process id of its drill in ``owner.pid``;
     folders of running processes are left alone.
     """
-    removed = []
+    removed: list[Path] = []
     if not lab.work_dir.is_dir():
         return removed
     for folder in lab.work_dir.glob(f"{SCRATCH_PREFIX}*"):
@@ -186,6 +186,7 @@ class RecoveryDrill:
     scratch: Path
     volume_id: str
     passphrase_id: str
+    boot_key_id: str
     live: Path
     files_checked: int = 0
     _live_state: tuple[int, int] = (0, 0)
@@ -198,6 +199,7 @@ class RecoveryDrill:
         remove_stale_scratch(lab)
         volume = current_key(vault, instance, KeyKind.LUKS_VOLUME)
         passphrase = current_key(vault, instance, KeyKind.LUKS_PASSPHRASE)
+        boot_key = current_key(vault, instance, KeyKind.LUKS_BOOT_KEY)
         live = volume_path(lab, volume)
         if not live.exists():
             raise VolumeError(
@@ -212,7 +214,9 @@ class RecoveryDrill:
         )
         scratch.mkdir(mode=0o700)
         (scratch / "owner.pid").write_text(str(os.getpid()), encoding="ascii")
-        drill = cls(lab, vault, instance, scratch, volume.id, passphrase.id, live)
+        drill = cls(
+            lab, vault, instance, scratch, volume.id, passphrase.id, boot_key.id, live
+        )
         drill._live_state = _state_of(live)
         weakref.finalize(drill, shutil.rmtree, str(scratch), True)
         logger.info("recovery drill on %s in %s", volume.id, scratch)
@@ -250,6 +254,11 @@ class RecoveryDrill:
         """Open the copy with the escrowed recovery passphrase (test only)."""
         passphrase = self.vault.read_secret(self.passphrase_id, "recovery drill")
         verify_key(copy, passphrase)
+
+    def test_boot_key(self, copy: Path) -> None:
+        """Open the copy with the escrowed boot key (test only)."""
+        boot_key = self.vault.read_secret(self.boot_key_id, "recovery drill")
+        verify_key(copy, boot_key)
 
     def recover_volume_key(self, copy: Path) -> bool:
         """Unlock the volume key with the passphrase; return it matches the escrow."""
@@ -319,7 +328,7 @@ class RecoveryDrill:
     def record_proof(self, report: str = "") -> str:
         """Store the time of this successful recovery on the volume's key records."""
         when = utcnow().isoformat()
-        for key_id in (self.volume_id, self.passphrase_id):
+        for key_id in (self.volume_id, self.passphrase_id, self.boot_key_id):
             record = self.vault.get(key_id)
             record.attributes["last_recovery_proof"] = when
             if report:
@@ -341,7 +350,7 @@ def _state_of(path: Path) -> tuple[int, int]:
 
 @dataclass
 class DrillOutcome:
-    """What one complete recovery drill proved."""
+    """The results of one complete recovery drill."""
 
     instance: str
     uuid: str
@@ -368,6 +377,7 @@ def run_recovery_drill(
             )
         header = drill.restore_header(copy)
         drill.test_passphrase(copy)
+        drill.test_boot_key(copy)
         if not drill.recover_volume_key(copy):
             raise CredentialError(
                 f"the volume key in {drill.volume_id} differs from the one the "

@@ -6,11 +6,11 @@ recipient. Either one recovers the session key, so plain ``gpg --decrypt``
 opens the file with the passphrase, and the key manager opens it with the
 escrow secret key.
 
-``gpg`` is driven directly rather than through python-gnupg because the
-passphrase must travel on its own pipe (``--passphrase-fd``) while the data
-streams from a file or a tar writer on standard input, and because the
-decision to keep a plaintext depends on the status lines (``GOODMDC``,
-``BADMDC``) that gpg prints after it has already written the data.
+``gpg`` is run directly rather than through python-gnupg for two reasons.
+The passphrase must travel on its own pipe (``--passphrase-fd``) while the
+data streams from a file or a tar writer on standard input. And the decision
+to keep a plaintext depends on the status lines (``GOODMDC``, ``BADMDC``)
+that gpg prints after it has already written the data.
 
 Every output is written to a hidden temporary file in the destination folder
 and linked into place only after gpg has finished and, on decryption,
@@ -20,30 +20,25 @@ temporary file is removed, so no partial output is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from trekeys.errors import (
-    CredentialError,
-    IntegrityError,
-    ToolError,
-    ToolMissingError,
+from trekeys.errors import CredentialError, IntegrityError, ToolError
+from trekeys.gpgrun import (
+    GpgRun,
+    check_passphrase_characters,
+    gpg_binary,
+    run_gpg,
+    temporary_home,
 )
-from trekeys.outputs import staged_output
+from trekeys.outputs import staged_path
 
 logger = logging.getLogger(__name__)
-
-STATUS_PREFIX = "[GNUPG:] "
-# gpg reads a passphrase up to the first newline, so one cannot hold a newline.
-_FORBIDDEN_PASSPHRASE_CHARACTERS = ("\n", "\r", "\0")
 
 
 @dataclass(frozen=True)
@@ -89,124 +84,6 @@ class S2kSettings:
         ]
 
 
-@dataclass
-class GpgRun:
-    """The outcome of one gpg run: exit status and status lines."""
-
-    returncode: int
-    status: list[str]
-    stderr_tail: str
-
-    def has(self, keyword: str) -> bool:
-        return any(line.split(" ", 1)[0] == keyword for line in self.status)
-
-    def values(self, keyword: str) -> list[str]:
-        prefix = keyword + " "
-        return [line[len(prefix) :] for line in self.status if line.startswith(prefix)]
-
-
-def gpg_binary() -> str:
-    """Return the path of gpg.
-
-    Raises:
-        ToolMissingError: gpg is not installed.
-    """
-    path = shutil.which("gpg")
-    if path is None:
-        raise ToolMissingError("gpg", "gnupg")
-    return path
-
-
-def check_passphrase_characters(passphrase: str) -> None:
-    """Reject a passphrase that gpg cannot read from a pipe."""
-    if not passphrase or any(c in passphrase for c in _FORBIDDEN_PASSPHRASE_CHARACTERS):
-        raise CredentialError(
-            "the passphrase is empty or holds a line break or NUL character; "
-            "choose one on a single line."
-        )
-
-
-def run_gpg(
-    home: Path,
-    arguments: list[str],
-    *,
-    passphrase: str | None = None,
-    stdin: IO[bytes] | int | None = subprocess.DEVNULL,
-    stdout: IO[bytes] | int | None = subprocess.DEVNULL,
-    writer: Callable[[IO[bytes]], None] | None = None,
-) -> GpgRun:
-    """Run gpg in `home` with the passphrase on its own pipe and return its status.
-
-    With `writer`, gpg reads standard input from a pipe that `writer` fills.
-    If anything raises, including KeyboardInterrupt, gpg is killed first.
-    """
-    command = [
-        gpg_binary(),
-        "--homedir",
-        str(home),
-        "--batch",
-        "--no-tty",
-        "--no-greeting",
-        "--pinentry-mode",
-        "loopback",
-        "--no-symkey-cache",
-        "--status-fd",
-        "2",
-    ]
-    pass_fds: tuple[int, ...] = ()
-    read_fd = None
-    if passphrase is not None:
-        if passphrase:
-            check_passphrase_characters(passphrase)
-        read_fd, write_fd = os.pipe()
-        # A passphrase is far smaller than the pipe buffer, so this cannot block.
-        os.write(write_fd, passphrase.encode("utf-8") + b"\n")
-        os.close(write_fd)
-        command += ["--passphrase-fd", str(read_fd)]
-        pass_fds = (read_fd,)
-    command += arguments
-
-    with tempfile.TemporaryFile() as errors:
-        try:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE if writer else stdin,
-                stdout=stdout,
-                stderr=errors,
-                pass_fds=pass_fds,
-            )
-        finally:
-            if read_fd is not None:
-                os.close(read_fd)
-        try:
-            if writer is not None and process.stdin is not None:
-                _feed(process.stdin, writer)
-            returncode = process.wait()
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-        errors.seek(0)
-        text = errors.read().decode("utf-8", "replace")
-
-    status = [
-        line[len(STATUS_PREFIX) :]
-        for line in text.splitlines()
-        if line.startswith(STATUS_PREFIX)
-    ]
-    human = [line for line in text.splitlines() if not line.startswith(STATUS_PREFIX)]
-    return GpgRun(returncode, status, "\n".join(human[-5:]))
-
-
-def _feed(pipe: IO[bytes], writer: Callable[[IO[bytes]], None]) -> None:
-    try:
-        with pipe:
-            writer(pipe)
-    except BrokenPipeError:
-        # gpg stopped reading; its exit status and status lines say why.
-        logger.debug("gpg closed its input early")
-
-
 # Encryption and decryption
 
 
@@ -226,7 +103,7 @@ def encrypt(
     Args:
         source: a file to read, or a function that writes the plaintext.
         dest: the ciphertext to create.
-        home: the GNUPGHOME that holds the recipient's public key.
+        home: the GNUPGHOME that contains the recipient's public key.
         recipient: the recipient's fingerprint.
         passphrase: the passphrase of the SKESK, or None for the recipient only.
         settings: the S2K and cipher settings.
@@ -254,20 +131,18 @@ def encrypt(
         recipient,
         "--set-filename",
         literal_name,
+        # gpg writes a named file faster than its standard output (2.2.40).
+        "--yes",
         "--output",
-        "-",
     ]
 
-    with staged_output(dest, overwrite=overwrite) as out:
+    with staged_path(dest, overwrite=overwrite) as tmp:
+        arguments.append(str(tmp))
         if isinstance(source, Path):
             with open(source, "rb") as data:
-                run = run_gpg(
-                    home, arguments, passphrase=passphrase, stdin=data, stdout=out
-                )
+                run = run_gpg(home, arguments, passphrase=passphrase, stdin=data)
         else:
-            run = run_gpg(
-                home, arguments, passphrase=passphrase, stdout=out, writer=source
-            )
+            run = run_gpg(home, arguments, passphrase=passphrase, writer=source)
         if run.returncode != 0 or not run.has("END_ENCRYPTION"):
             raise ToolError(
                 f"gpg could not encrypt to {dest} for recipient {recipient}; "
@@ -297,31 +172,29 @@ def list_recipients(source: Path) -> list[str]:
 
 def decrypt(
     source: Path,
-    out: IO[bytes],
+    out: Path,
     *,
     passphrase: str | None = None,
     secret_key: str | None = None,
     key_label: str = "",
 ) -> GpgRun:
-    """Decrypt `source` into `out` with a passphrase or an armored secret key.
+    """Decrypt `source` into the file `out` with a passphrase or an armored secret key.
 
-    The caller must discard `out` when this raises: gpg writes plaintext
-    before it has checked the integrity of the whole message.
+    `out` is overwritten. The caller must discard it when this raises: gpg
+    writes plaintext before it has checked the integrity of the whole message.
 
     Raises:
         CredentialError: the passphrase or the secret key does not open `source`.
         IntegrityError: `source` is truncated, tampered with or not OpenPGP.
     """
     with temporary_home() as home:
-        arguments = ["--decrypt", "--output", "-"]
+        arguments = ["--yes", "--output", str(out), "--decrypt"]
         if secret_key is not None:
             import_key(home, secret_key, secret=True)
         else:
             arguments.insert(0, "--no-autostart")
         with open(source, "rb") as data:
-            run = run_gpg(
-                home, arguments, passphrase=passphrase, stdin=data, stdout=out
-            )
+            run = run_gpg(home, arguments, passphrase=passphrase, stdin=data)
     check_decryption(run, source, passphrase is not None, key_label)
     return run
 
@@ -346,7 +219,7 @@ def check_decryption(
             f"the passphrase does not open {source}; check it, or ask the key "
             "manager to recover the file from the escrow."
         )
-    # With a passphrase packet present, gpg asks for a passphrase before it
+    # With a passphrase packet present, gpg requests a passphrase before it
     # reports NO_SECKEY, so a missing DECRYPTION_KEY is the reliable sign.
     if not used_passphrase and run.has("ENC_TO") and not run.has("DECRYPTION_KEY"):
         recipients = ", ".join(v.split()[0] for v in run.values("ENC_TO"))
@@ -361,25 +234,6 @@ def check_decryption(
 
 
 # Keys
-
-
-@contextlib.contextmanager
-def temporary_home() -> Iterator[Path]:
-    """Yield a private, short-lived GNUPGHOME and remove it with its agent afterwards.
-
-    The folder lives in the system temporary folder because gpg-agent's
-    socket path must stay short.
-    """
-    home = Path(tempfile.mkdtemp(prefix="trekeys-gpg-"))
-    try:
-        yield home
-    finally:
-        subprocess.run(
-            ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
-            capture_output=True,
-            check=False,
-        )
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from trekeys.custody import (
     split_master_secret,
     write_share_file,
 )
-from trekeys.errors import CredentialError
+from trekeys.errors import CredentialError, PolicyError
 from trekeys.lab import VAULT_MASTER_ID, Lab
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
 from trekeys.vault import KdfSettings, Vault, VaultCredentials
@@ -60,6 +60,7 @@ def resplit_custody(
     keyfile: Path | None,
     reason: str,
     kdf: KdfSettings | None = None,
+    compromised: bool = False,
 ) -> ResplitResult:
     """Re-key the vault under a new master secret split among `custodians`.
 
@@ -72,6 +73,8 @@ def resplit_custody(
         keyfile: the key file of the composite key (kept as it is), or None.
         reason: why custody is re-split, kept in the audit log and history.
         kdf: new KDF settings, or None to keep the vault's.
+        compromised: the old master secret was disclosed, so its tombstone is
+            destroyed-compromised rather than destroyed.
 
     Returns:
         The old and new split identifiers and the new share files.
@@ -93,7 +96,9 @@ def resplit_custody(
         for custodian, mnemonic in split.shares.items():
             write_share_file(staging / f"{custodian.slug}.share", custodian, mnemonic)
         _verify_shares(sorted(staging.glob("*.share")), threshold, master)
-        tombstone_id = _record_new_master(vault, master, split.identifier, reason)
+        tombstone_id = _record_new_master(
+            vault, master, split.identifier, reason, compromised
+        )
         _record_custody_meta(vault, split.identifier, threshold, custodians)
         detail = f"split {old_split} -> {split.identifier}: {reason}"
         vault.rekey(VaultCredentials(master, keyfile), kdf=kdf, detail=detail)
@@ -122,6 +127,7 @@ def resplit_lab_custody(
     custodians: Sequence[Custodian] | None = None,
     threshold: int | None = None,
     reason: str,
+    compromised: bool = False,
 ) -> ResplitResult:
     """Re-split the demo TRE's custody and update the lab's configuration.
 
@@ -137,6 +143,7 @@ def resplit_lab_custody(
         lab.custodians_dir,
         keyfile=lab.keyfile_path if lab.keyfile_path.is_file() else None,
         reason=reason,
+        compromised=compromised,
     )
 
     lab.config["threshold"] = threshold
@@ -145,6 +152,29 @@ def resplit_lab_custody(
     ]
     lab.save_config()
     return result
+
+
+def rotate_key(
+    lab: Lab, vault: Vault, key_id: str, *, reason: str, compromised: bool
+) -> list[str]:
+    """Rotate the vault master for a compromise response or a routine rotation.
+
+    This is the vault-master rotator of `trekeys.response_plan.ROTATORS`: a
+    re-split among the lab's current custodians with the same threshold.
+
+    Returns:
+        ``[tre/vault-master]``: the same id, now for the new master secret.
+
+    Raises:
+        PolicyError: `key_id` is not the vault master.
+    """
+    if key_id != VAULT_MASTER_ID:
+        raise PolicyError(
+            f"key {key_id} is not the vault master {VAULT_MASTER_ID}; rotate it "
+            "with the rotator of its own kind."
+        )
+    resplit_lab_custody(lab, vault, reason=reason, compromised=compromised)
+    return [VAULT_MASTER_ID]
 
 
 def lab_custodians(lab: Lab) -> list[Custodian]:
@@ -161,7 +191,9 @@ def _verify_shares(files: list[Path], threshold: int, master: bytes) -> None:
         )
 
 
-def _record_new_master(vault: Vault, master: bytes, split_id: str, reason: str) -> str:
+def _record_new_master(
+    vault: Vault, master: bytes, split_id: str, reason: str, compromised: bool = False
+) -> str:
     # The old master stays as a destroyed tombstone with its own id, so the
     # inventory and the audit trail still show which split held the vault when.
     now = utcnow()
@@ -191,7 +223,12 @@ def _record_new_master(vault: Vault, master: bytes, split_id: str, reason: str) 
     old.locations = []
     old.history = list(current.history)
     vault.add(old)
-    for state in (KeyState.DEACTIVATED, KeyState.DESTROYED):
+    retirement = (
+        (KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED)
+        if compromised
+        else (KeyState.DEACTIVATED, KeyState.DESTROYED)
+    )
+    for state in retirement:
         vault.transition(tombstone_id, state, f"custody re-split: {reason}")
 
     current.fingerprint = master_fingerprint(master)

@@ -30,7 +30,7 @@ Rotator = Callable[..., list[str]]
 
 # The capability module that rotates each kind of key.
 ROTATORS: dict[KeyKind, str] = {
-    KeyKind.VAULT_MASTER: "trekeys.rekey:rotate_key",
+    KeyKind.VAULT_MASTER: "trekeys.resplit:rotate_key",
     KeyKind.LUKS_VOLUME: "trekeys.luks:rotate_key",
     KeyKind.LUKS_PASSPHRASE: "trekeys.luks:rotate_key",
     KeyKind.LUKS_BOOT_KEY: "trekeys.luks:rotate_key",
@@ -39,8 +39,8 @@ ROTATORS: dict[KeyKind, str] = {
     KeyKind.MAC: "trekeys.transfer:rotate_key",
     KeyKind.TLS_CA: "trekeys.tls_lifecycle:rotate_key",
     KeyKind.TLS_CERT: "trekeys.tls_lifecycle:rotate_key",
-    KeyKind.GPG: "trekeys.backup:rotate_key",
-    KeyKind.SSH: "trekeys.ssh:rotate_key",
+    KeyKind.GPG: "trekeys.response_plan:rotate_backup_key",
+    KeyKind.SSH: "trekeys.rotation:rotate_key",
     KeyKind.SIGNING: "trekeys.signing:rotate_key",
 }
 
@@ -169,6 +169,26 @@ class ResponsePlan:
             steps,
             dict(data["impact"]),
         )
+
+
+def rotate_backup_key(
+    lab: Any, vault: Vault, key_id: str, *, reason: str, compromised: bool
+) -> list[str]:
+    """Rotate a GPG backup key and, after a compromise, re-encrypt its backups.
+
+    Re-encryption to the new set of recipients is part of the response to a
+    compromised backup key, so this adapter turns it on for that case only.
+    """
+    from trekeys.rotation import rotate_key
+
+    return rotate_key(
+        lab,
+        vault,
+        key_id,
+        reason=reason,
+        compromised=compromised,
+        reencrypt=compromised,
+    )
 
 
 def new_incident_id() -> str:

@@ -10,10 +10,13 @@ are supported for services that cannot use the CA.
 The work is split by concern; this module re-exports the functions that the
 CLI, the notebooks and other capabilities call:
 
-- `trekeys.tls_x509`: names, keys, certificate and CRL profiles;
+- `trekeys.tls_names`, `trekeys.tls_x509`: names, keys, certificate and CRL
+  profiles;
 - `trekeys.tls_records`: how certificates are stored on key records;
-- `trekeys.tls_ca`: the CA, issuance, import and deployment;
-- `trekeys.tls_lifecycle`: renewal, revocation, CRLs and rotation;
+- `trekeys.tls_ca`: the CA, issuance and import;
+- `trekeys.tls_deploy`: writing chains and keys where web servers read them;
+- `trekeys.tls_lifecycle`, `trekeys.tls_revoke`: renewal, rotation,
+  revocation and CRLs;
 - `trekeys.tls_audit`, `trekeys.tls_endpoints`, `trekeys.tls_chart`: the audit.
 """
 
@@ -28,36 +31,44 @@ from trekeys.tls_audit import (
     CertificateFinding,
     TlsAuditReport,
     audit_tls,
-    serve_deployments,
 )
 from trekeys.tls_ca import (
     DEFAULT_CERT_DAYS,
     MAX_CERT_DAYS,
-    chain_pem,
     create_ca,
-    deploy_certificate,
-    deployment_targets,
     import_certificate,
     issue_certificate,
     publish_ca_certificate,
-    undeploy_certificate,
 )
 from trekeys.tls_chart import expiry_timeline_png
-from trekeys.tls_deploy import DeployTarget
-from trekeys.tls_endpoints import Endpoint, serve_tls, verify_endpoint
+from trekeys.tls_deploy import (
+    DeployTarget,
+    chain_pem,
+    deploy_certificate,
+    deployment_targets,
+    undeploy_certificate,
+)
+from trekeys.tls_endpoints import (
+    Endpoint,
+    serve_deployments,
+    serve_tls,
+    verify_endpoint,
+)
 from trekeys.tls_lifecycle import (
     DEFAULT_RENEW_AFTER,
-    PublishedCrl,
-    crl_entries,
     default_publish_dir,
-    publish_crl,
     renew_certificate,
     renew_due_certificates,
     renewal_due,
-    revoke_certificate,
     rotate_key,
 )
 from trekeys.tls_records import find_active_ca, find_service_key
+from trekeys.tls_revoke import (
+    PublishedCrl,
+    crl_entries,
+    publish_crl,
+    revoke_certificate,
+)
 from trekeys.vault import Vault
 
 __all__ = [

@@ -1,11 +1,11 @@
 """The certificate audit: what is deployed and served, checked against the vault.
 
-The audit reads every certificate file that a key record says it deployed and
+The audit reads every certificate file that a key record lists as deployed and
 every PEM certificate under the scanned folders, and connects to each live
 endpoint given. For each certificate it reports subject, subjectAltName,
-issuer, expiry and days left, whether the vault knows it as a key's current
-certificate, whether it was revoked or superseded, and whether it verifies
-for its service name against the TRE's trusted roots.
+issuer, expiry and days left. It also reports whether the vault records it as
+a key's current certificate, whether it was revoked or superseded, and whether
+it verifies for its service name against the TRE's trusted roots.
 
 A certificate that is expired, revoked or superseded, or whose key file does
 not match it, is a failure while it is still deployed or served. One that
@@ -16,10 +16,9 @@ are reported per certificate and per endpoint, and the audit always goes on.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,12 +35,14 @@ from cryptography.x509.verification import (
 from trekeys.errors import CertificateError, EndpointError
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyState
-from trekeys.tls_ca import deployment_targets, resolve_now
+from trekeys.tls_ca import (
+    resolve_now,
+)
+from trekeys.tls_deploy import deployment_targets
 from trekeys.tls_endpoints import (
     DEFAULT_TIMEOUT_SECONDS,
     Endpoint,
     fetch_certificate,
-    serve_tls,
     verify_endpoint,
 )
 from trekeys.tls_lifecycle import default_publish_dir
@@ -70,7 +71,7 @@ DEFAULT_WARNING_DAYS = 30
 
 @dataclass
 class CertificateFinding:
-    """What the audit found about one deployed file or live endpoint.
+    """The audit result for one deployed file or live endpoint.
 
     Attributes:
         source: the file path or ``host:port``.
@@ -279,7 +280,9 @@ class _Auditor:
         finding = CertificateFinding(endpoint.address, "endpoint", endpoint.server_name)
         try:
             leaf = fetch_certificate(endpoint, timeout=timeout)
-            self._describe(finding, [leaf], service=endpoint.server_name, files=False)
+            self._describe(
+                finding, [leaf], service=endpoint.server_name, offline_check=False
+            )
             verified, detail = verify_endpoint(
                 endpoint, self._anchors_pem(leaf), timeout=timeout
             )
@@ -299,10 +302,11 @@ class _Auditor:
         chain: list[x509.Certificate],
         *,
         service: str = "",
-        files: bool = True,
+        offline_check: bool = True,
     ) -> None:
-        """Fill in the certificate's fields and check it; `files` selects the
-        offline hostname check, which endpoints replace by a real handshake."""
+        """Fill in the certificate's fields and check it. `offline_check` selects
+        the offline chain and host name check, which endpoints replace by a real
+        handshake."""
         leaf = chain[0]
         finding.subject = leaf.subject.rfc4514_string()
         finding.issuer = leaf.issuer.rfc4514_string()
@@ -315,7 +319,7 @@ class _Auditor:
         self._check_validity(finding, leaf)
         self._check_vault(finding, leaf)
         finding.service = service or finding.service or next(iter(finding.sans), "")
-        if files and not finding.is_ca:
+        if offline_check and not finding.is_ca:
             self._check_hostname(finding, chain)
 
     def _check_validity(
@@ -388,7 +392,7 @@ class _Auditor:
         finding.key_matches = True
 
     def _anchors(self, leaf: x509.Certificate) -> list[x509.Certificate]:
-        """Return the TRE roots, plus the leaf itself when the vault holds it as a
+        """Return the TRE roots, plus the leaf itself when the vault stores it as a
         current self-signed certificate (self-signed mode has no CA)."""
         owner = find_certificate_owner(self.vault, fingerprint(leaf))
         if (
@@ -414,30 +418,6 @@ class _Auditor:
         return finding
 
 
-@contextlib.contextmanager
-def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
-    """Serve each active service key's deployed files on 127.0.0.1 for a drill.
-
-    A demo TRE has no running web servers, so the audit drill starts one
-    loopback server per deployment and audits it as a live endpoint.
-
-    Yields:
-        One endpoint per deployment whose files exist, named by its service.
-    """
-    with contextlib.ExitStack() as stack:
-        endpoints = []
-        records = vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value)
-        for record in records:
-            for target in deployment_targets(vault, record):
-                if not (target.chain_path.exists() and target.key_path.exists()):
-                    continue
-                served = stack.enter_context(
-                    serve_tls(target.chain_path, target.key_path)
-                )
-                endpoints.append(Endpoint(served.host, served.port, service_of(record)))
-        yield endpoints
-
-
 def _pem_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -456,4 +436,6 @@ def _subject_for(name: str) -> Subject:
 
 
 def _yes_no(value: bool | None) -> str:
-    return "n/a" if value is None else ("yes" if value else "NO")
+    if value is None:
+        return "n/a"
+    return "yes" if value else "NO"

@@ -1,17 +1,15 @@
-"""The internal TRE root CA and service certificates: create, issue, import, deploy.
+"""The internal TRE root CA and service certificates: create, issue and import.
 
 Workstations trust one root, the TRE CA, instead of one certificate per
 service. The CA's private key exists only in the vault: trekeys reads it for
-the moment of signing and never writes it to a file. Service keys are written
-out only when a certificate is deployed, to the 0600 key file the web server
-reads, and every deployment is recorded on the key's record.
+the moment of signing and never writes it to a file. Service keys leave the
+vault only when a certificate is deployed (see `trekeys.tls_deploy`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,26 +19,23 @@ from cryptography.exceptions import InvalidSignature
 
 from trekeys.errors import CertificateError, PolicyError, RecordError
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
-from trekeys.tls_deploy import DeployTarget, remove_deployment, write_deployment
+from trekeys.tls_deploy import write_public_file
+from trekeys.tls_names import SubjectNames, parse_subject_names
 from trekeys.tls_records import (
     CA_KEY_ID,
     KEY_ID_PREFIX,
     SELF_SIGNED,
     find_active_ca,
     find_service_key,
-    json_attribute,
     load_record_certificate,
     next_key_id,
     path_for_record,
     path_from_record,
     record_certificate,
-    require_tls_record,
-    set_json_attribute,
     store_certificate,
 )
 from trekeys.tls_x509 import (
     PrivateKey,
-    SubjectNames,
     build_ca_certificate,
     build_service_certificate,
     certificate_pem,
@@ -50,7 +45,6 @@ from trekeys.tls_x509 import (
     generate_private_key,
     load_certificates,
     load_private_key,
-    parse_subject_names,
     private_key_pem,
     subject_alt_names,
 )
@@ -60,8 +54,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CA_DAYS = 1826
 DEFAULT_CERT_DAYS = 365
-# The CA/Browser Forum caps publicly trusted server certificates at 398 days;
-# the TRE keeps the same limit so that workstation browsers accept them.
+# The CA/Browser Forum caps publicly trusted server certificates at 398 days.
+# Browsers do not apply the cap to private roots, but the TRE keeps it so that
+# service keys and certificates turn over at least yearly.
 MAX_CERT_DAYS = 398
 DEFAULT_KEY_CRYPTOPERIOD_DAYS = 730
 
@@ -167,7 +162,7 @@ def issue_certificate(
         names: further DNS names and IP addresses for the subjectAltName.
         self_signed: sign with the service's own key instead of the CA.
         days: the certificate's lifetime.
-        max_days: the longest lifetime allowed.
+        max_days: the maximum lifetime in days.
         key_type: one of `KEY_TYPES`.
         ca_id: the issuing CA, by default the newest active one.
         key_cryptoperiod_days: how long the key may be used, across renewals.
@@ -177,15 +172,11 @@ def issue_certificate(
         HostnameError: a name is not a valid DNS name or IP address.
         PolicyError: `days` is above `max_days`.
         RecordError: the service already has an active certificate.
-        CertificateValidityError: the CA is expired, not yet valid, or expires
-            before the new certificate would.
+        CertificateValidityError: the CA is expired or not yet valid.
+        CertificateError: the CA expires before the new certificate would.
     """
+    service = service_dns_name(service)
     subject_names = parse_subject_names([service, *names])
-    service = subject_names.dns_names[0] if subject_names.dns_names else ""
-    if not service:
-        raise CertificateError(
-            "the service must be named by a DNS name; give IP addresses as extra names."
-        )
     check_lifetime(days, max_days)
     existing = find_service_key(vault, service)
     if existing is not None:
@@ -205,6 +196,22 @@ def issue_certificate(
         key_cryptoperiod_days=key_cryptoperiod_days,
         now=resolve_now(now),
     )
+
+
+def service_dns_name(service: str) -> str:
+    """Return the normalized DNS name of a service, which names its key.
+
+    Raises:
+        HostnameError: `service` is not a valid DNS name or IP address.
+        CertificateError: `service` is an IP address.
+    """
+    names = parse_subject_names([service])
+    if not names.dns_names:
+        raise CertificateError(
+            f"the service {service!r} must be named by a DNS name; give IP addresses "
+            "as extra names."
+        )
+    return names.dns_names[0]
 
 
 def check_lifetime(days: int, max_days: int) -> None:
@@ -325,11 +332,12 @@ def import_certificate(
         RecordError: the service already has an active certificate.
     """
     certificates = load_certificates(
-        Path(chain_path).read_bytes(), source=str(chain_path)
+        _read_input(Path(chain_path)), source=str(chain_path)
     )
     leaf = certificates[0]
-    key = load_private_key(Path(key_path).read_bytes(), source=str(key_path))
+    key = load_private_key(_read_input(Path(key_path)), source=str(key_path))
     check_key_matches(leaf, key, source=str(key_path))
+    service = service_dns_name(service)
     names = parse_subject_names([service, *subject_alt_names(leaf)])
     if find_service_key(vault, names.dns_names[0]) is not None:
         raise RecordError(
@@ -366,6 +374,15 @@ def import_certificate(
     return record
 
 
+def _read_input(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(
+            f"cannot read {path} ({exc.strerror}); check the path and permissions."
+        ) from exc
+
+
 def _issuer_in_vault(vault: Vault, leaf: x509.Certificate) -> str:
     if leaf.issuer == leaf.subject:
         return SELF_SIGNED
@@ -384,114 +401,6 @@ def _issuer_in_vault(vault: Vault, leaf: x509.Certificate) -> str:
     )
 
 
-def chain_pem(vault: Vault, key_id: str) -> bytes:
-    """Return the PEM chain of a key: its certificate, then its CA's, if any."""
-    record = vault.get(key_id)
-    chain = certificate_pem(load_record_certificate(vault, key_id))
-    issuer_id = record.attributes.get("issuer", SELF_SIGNED)
-    if issuer_id != SELF_SIGNED:
-        chain += certificate_pem(load_record_certificate(vault, issuer_id))
-    return chain
-
-
-def deploy_certificate(
-    vault: Vault,
-    key_id: str,
-    destination: DeployTarget | Path,
-    *,
-    replace: bool = False,
-) -> DeployTarget:
-    """Write a key's chain and private key where a web server reads them.
-
-    Args:
-        vault: the open vault.
-        key_id: an active tls-cert key.
-        destination: a folder (``fullchain.pem`` and ``privkey.pem`` in it) or
-            explicit paths.
-        replace: replace files that are not an earlier deployment of this key.
-
-    Raises:
-        PolicyError: the key is not active, so its certificate must not be used.
-        DeploymentError: a folder does not exist or is not writable.
-        DestinationExistsError: a file exists there and `replace` is False.
-    """
-    record = require_tls_record(vault, key_id)
-    if record.kind is not KeyKind.TLS_CERT or record.state is not KeyState.ACTIVE:
-        raise PolicyError(
-            f"{key_id} is a {record.state.value} {record.kind.value} key and may not "
-            "be deployed; deploy the service's active key."
-        )
-    target = (
-        destination
-        if isinstance(destination, DeployTarget)
-        else DeployTarget.in_folder(Path(destination))
-    )
-    target = DeployTarget(target.chain_path.resolve(), target.key_path.resolve())
-    deployments = json_attribute(record, "deployments")
-    stored = path_for_record(vault, target.chain_path)
-    known = any(d["chain"] == stored for d in deployments)
-
-    certificate = load_record_certificate(vault, key_id)
-    key_pem = vault.read_secret(key_id, f"deploy to {target.key_path}")
-    check_key_matches(
-        certificate, load_private_key(key_pem, source=key_id), source=key_id
-    )
-    write_deployment(
-        target, chain_pem(vault, key_id), key_pem, replace=replace or known
-    )
-
-    _record_deployment(vault, record, target, deployments)
-    vault.update(record, operation="deploy", detail=str(target.chain_path))
-    return target
-
-
-def _record_deployment(
-    vault: Vault,
-    record: KeyRecord,
-    target: DeployTarget,
-    deployments: list[dict[str, str]],
-) -> None:
-    chain = path_for_record(vault, target.chain_path)
-    key = path_for_record(vault, target.key_path)
-    kept = [d for d in deployments if d["chain"] != chain]
-    kept.append(
-        {
-            "chain": chain,
-            "key": key,
-            "fingerprint": record.fingerprint,
-            "at": utcnow().isoformat(),
-        }
-    )
-    set_json_attribute(record, "deployments", kept)
-    location = f"deployed: {key}"
-    if location not in record.locations:
-        record.locations.append(location)
-
-
-def deployment_targets(vault: Vault, record: KeyRecord) -> list[DeployTarget]:
-    """Return where a key's certificate is recorded as deployed."""
-    return [
-        DeployTarget(
-            path_from_record(vault, d["chain"]), path_from_record(vault, d["key"])
-        )
-        for d in json_attribute(record, "deployments")
-    ]
-
-
-def undeploy_certificate(vault: Vault, key_id: str) -> list[Path]:
-    """Remove every recorded deployment of a key's files; return what was removed."""
-    record = require_tls_record(vault, key_id)
-    removed: list[Path] = []
-    for target in deployment_targets(vault, record):
-        removed += remove_deployment(target)
-    record.locations = [
-        loc for loc in record.locations if not loc.startswith("deployed: ")
-    ]
-    set_json_attribute(record, "deployments", [])
-    vault.update(record, operation="undeploy", detail=f"{len(removed)} files removed")
-    return removed
-
-
 def publish_ca_certificate(vault: Vault, ca_id: str) -> Path:
     """Write the CA certificate to its publish folder for the workstations' trust
     stores, atomically, and return the path."""
@@ -502,17 +411,6 @@ def publish_ca_certificate(vault: Vault, ca_id: str) -> Path:
     write_public_file(path, certificate_pem(load_record_certificate(vault, ca_id)))
     logger.info("published CA certificate %s to %s", ca_id, path)
     return path
-
-
-def write_public_file(path: Path, data: bytes) -> None:
-    """Write a public file (certificate or CRL) atomically, mode 0644."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _new_record(

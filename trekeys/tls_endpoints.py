@@ -23,6 +23,10 @@ from pathlib import Path
 from cryptography import x509
 
 from trekeys.errors import EndpointError, PolicyError
+from trekeys.records import KeyKind, KeyState
+from trekeys.tls_deploy import deployment_targets
+from trekeys.tls_records import service_of
+from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +198,7 @@ def serve_tls(
 ) -> Iterator[Endpoint]:
     """Serve a deployed chain and key over TLS on a loopback address.
 
-    The server answers every handshake with a short HTTP response, in a
+    The server sends a short HTTP response after every handshake, in a
     background thread, until the ``with`` block ends. It exists for drills and
     tests, so it refuses to listen on anything but a loopback address.
 
@@ -249,3 +253,27 @@ def _accept_loop(
                 # A client that rejects the certificate aborts the handshake;
                 # that is an expected outcome of a drill, not a server fault.
                 logger.debug("drill server handshake ended: %s", exc)
+
+
+@contextlib.contextmanager
+def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
+    """Serve each active service key's deployed files on 127.0.0.1 for a drill.
+
+    A demo TRE has no running web servers, so the audit drill starts one
+    loopback server per deployment and audits it as a live endpoint.
+
+    Yields:
+        One endpoint per deployment whose files exist, named by its service.
+    """
+    with contextlib.ExitStack() as stack:
+        endpoints = []
+        records = vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value)
+        for record in records:
+            for target in deployment_targets(vault, record):
+                if not (target.chain_path.exists() and target.key_path.exists()):
+                    continue
+                served = stack.enter_context(
+                    serve_tls(target.chain_path, target.key_path)
+                )
+                endpoints.append(Endpoint(served.host, served.port, service_of(record)))
+        yield endpoints

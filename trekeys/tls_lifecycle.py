@@ -1,51 +1,41 @@
-"""Renewal, revocation, CRLs and key rotation of the TRE's TLS certificates.
+"""Renewal and key rotation of the TRE's TLS certificates.
 
 A certificate is renewed once a set fraction of its lifetime has passed (two
 thirds by default), with the same key while the key's cryptoperiod lasts or
 with a new key. The earlier certificate is then superseded: it is listed in
 the CA's CRL with the RFC 5280 reason ``superseded``, and the new one is
-deployed wherever the old one was. Revocation lists the certificate with the
-reason given and moves its key to the deactivated or, for key compromise,
-the compromised state.
+deployed wherever the old one was. Rotation after a compromise revokes,
+reissues with new keys and redeploys (see `rotate_key`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from cryptography import x509
-
-from trekeys.errors import CertificateError, PolicyError
+from trekeys.errors import PolicyError
 from trekeys.lab import Lab
-from trekeys.records import KeyKind, KeyRecord, KeyState, allowed_transitions
+from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.tls_ca import (
     DEFAULT_KEY_CRYPTOPERIOD_DAYS,
     MAX_CERT_DAYS,
     check_lifetime,
     create_ca,
-    deploy_certificate,
-    deployment_targets,
     new_service_key,
     resolve_now,
     sign_service_certificate,
-    write_public_file,
 )
+from trekeys.tls_deploy import check_targets, deploy_certificate, deployment_targets
+from trekeys.tls_names import parse_subject_names
 from trekeys.tls_records import (
-    CRL_ATTACHMENT,
-    REVOKED,
     SELF_SIGNED,
     SUPERSEDED,
     current_entry,
-    find_active_ca,
-    json_attribute,
     keep_certificate_attachment,
     load_record_certificate,
     mark_certificate,
-    path_for_record,
     path_from_record,
     record_certificate,
     require_tls_record,
@@ -53,22 +43,16 @@ from trekeys.tls_records import (
     set_json_attribute,
     store_certificate,
 )
+from trekeys.tls_revoke import publish_crl, publish_crl_if_ca, retire_certificate
 from trekeys.tls_x509 import (
-    REVOCATION_REASONS,
-    RevokedEntry,
-    build_crl,
-    check_ca_usable,
-    crl_pem,
     key_type_for,
     load_private_key,
-    parse_subject_names,
 )
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RENEW_AFTER = 2 / 3
-DEFAULT_CRL_DAYS = 7
 
 
 def renewal_due(
@@ -107,11 +91,11 @@ def renew_certificate(
         key_id: the tls-cert key to renew.
         new_key: generate a new key; the old key is deactivated.
         days: the new lifetime, by default the old one.
-        max_days: the longest lifetime allowed.
+        max_days: the maximum lifetime in days.
         now: the time of renewal.
 
     Returns:
-        The record that holds the new certificate: the same one, or the new key's.
+        The record that contains the new certificate: the same one, or the new key's.
 
     Raises:
         PolicyError: the key is not active, or its cryptoperiod ends before the
@@ -121,6 +105,7 @@ def renew_certificate(
     record = _active_service_record(vault, key_id)
     days = days or int(record.attributes.get("lifetime_days", "365"))
     check_lifetime(days, max_days)
+    check_targets(deployment_targets(vault, record))
     old_entry = current_entry(record)
 
     if new_key:
@@ -128,7 +113,7 @@ def renew_certificate(
     else:
         renewed = _renew_same_key(vault, record, days=days, now=now)
 
-    _publish_crl_if_ca(vault, old_entry["issuer"], now=now)
+    publish_crl_if_ca(vault, old_entry["issuer"], now=now)
     logger.info(
         "renewed %s as %s, serial %s", key_id, renewed.id, renewed.attributes["serial"]
     )
@@ -142,22 +127,36 @@ def renew_due_certificates(
     new_key: bool = False,
     now: datetime | None = None,
 ) -> list[KeyRecord]:
-    """Renew every active service certificate whose renewal is due."""
+    """Renew every active service certificate whose renewal is due.
+
+    A key whose cryptoperiod would end before its renewed certificate gets a new
+    key even when `new_key` is False, so that one old key does not stop the batch.
+    """
+    now = resolve_now(now)
     renewed = []
     for record in vault.find(kind=KeyKind.TLS_CERT.value, state=KeyState.ACTIVE.value):
-        if renewal_due(record, renew_after=renew_after, now=now):
-            renewed.append(
-                renew_certificate(vault, record.id, new_key=new_key, now=now)
-            )
+        if not renewal_due(record, renew_after=renew_after, now=now):
+            continue
+        days = int(record.attributes.get("lifetime_days", "365"))
+        replace_key = new_key or now + timedelta(days=days) > key_expiry(record)
+        renewed.append(
+            renew_certificate(vault, record.id, new_key=replace_key, now=now)
+        )
     return renewed
+
+
+def key_expiry(record: KeyRecord) -> datetime:
+    """Return when a service key's cryptoperiod ends, after which it must not be
+    used in a new certificate."""
+    return (record.activated or record.created) + timedelta(
+        days=record.cryptoperiod_days or DEFAULT_KEY_CRYPTOPERIOD_DAYS
+    )
 
 
 def _renew_same_key(
     vault: Vault, record: KeyRecord, *, days: int, now: datetime
 ) -> KeyRecord:
-    key_ends = (record.activated or record.created) + timedelta(
-        days=record.cryptoperiod_days or DEFAULT_KEY_CRYPTOPERIOD_DAYS
-    )
+    key_ends = key_expiry(record)
     if now + timedelta(days=days) > key_ends:
         raise PolicyError(
             f"the cryptoperiod of key {record.id} ends on {key_ends.date()}, before a "
@@ -201,6 +200,7 @@ def _replace_key(
 ) -> KeyRecord:
     """Issue a new key and certificate for the same service and names, deploy it
     where the old key was, and retire the old key with `reason`."""
+    check_targets(deployment_targets(vault, record))
     old = current_entry(record)
     new_record = new_service_key(
         vault,
@@ -219,187 +219,8 @@ def _replace_key(
     record.locations = [
         loc for loc in record.locations if not loc.startswith("deployed:")
     ]
-    _retire(vault, record, reason, replaced_by=new_record.id, now=now)
+    retire_certificate(vault, record, reason, replaced_by=new_record.id, now=now)
     return new_record
-
-
-def revoke_certificate(
-    vault: Vault,
-    key_id: str,
-    reason: str,
-    *,
-    now: datetime | None = None,
-    publish: bool = True,
-) -> KeyRecord:
-    """Revoke the current certificate of a service key and publish the CA's CRL.
-
-    The key moves to the compromised state for ``keyCompromise`` and to the
-    deactivated state for any other reason. Deployed files stay in place until
-    they are replaced, and the audit reports them as revoked.
-
-    Raises:
-        CertificateError: `reason` is not an RFC 5280 reason trekeys accepts.
-        PolicyError: the key is a CA (rotate it instead).
-    """
-    now = resolve_now(now)
-    if reason not in REVOCATION_REASONS:
-        raise CertificateError(
-            f"unknown revocation reason {reason!r}; use one of "
-            f"{', '.join(REVOCATION_REASONS)}."
-        )
-    record = require_tls_record(vault, key_id)
-    if record.kind is KeyKind.TLS_CA:
-        raise PolicyError(
-            f"{key_id} is a CA and cannot revoke itself; replace it with "
-            f"'trekeys tls rotate {key_id}'."
-        )
-
-    entry = current_entry(record)
-    _retire(vault, record, reason, replaced_by=None, now=now)
-    if publish:
-        _publish_crl_if_ca(vault, entry["issuer"], now=now)
-    logger.info("revoked %s (serial %s): %s", key_id, entry["serial"], reason)
-    return record
-
-
-def _retire(
-    vault: Vault,
-    record: KeyRecord,
-    reason: str,
-    *,
-    replaced_by: str | None,
-    now: datetime,
-) -> None:
-    """Revoke the record's current certificate and move the key out of use."""
-    mark_certificate(
-        record,
-        record.fingerprint,
-        REVOKED if reason != "superseded" else SUPERSEDED,
-        reason,
-        now,
-    )
-    record.attributes["revocation_reason"] = reason
-    if replaced_by:
-        record.attributes["replaced_by"] = replaced_by
-    vault.update(
-        record,
-        operation="revoke",
-        detail=f"serial {record.attributes['serial']}: {reason}",
-    )
-
-    # A CA compromise lets an attacker issue certificates, but it does not
-    # expose the service keys, so only keyCompromise marks the key compromised.
-    target = KeyState.COMPROMISED if reason == "keyCompromise" else KeyState.DEACTIVATED
-    if record.state is not target and target in allowed_transitions(record.state):
-        why = f"certificate revoked: {reason}" + (
-            f", replaced by {replaced_by}" if replaced_by else ""
-        )
-        vault.transition(record.id, target, why)
-
-
-@dataclass(frozen=True)
-class PublishedCrl:
-    """A CRL that was signed and published."""
-
-    ca_id: str
-    number: int
-    revoked_serials: list[str]
-    path: Path | None
-    pem: bytes
-
-
-def publish_crl(
-    vault: Vault,
-    ca_id: str | None = None,
-    *,
-    out_path: Path | None = None,
-    next_update_days: int = DEFAULT_CRL_DAYS,
-    now: datetime | None = None,
-) -> PublishedCrl:
-    """Sign a new CRL listing every revoked or superseded certificate of the CA,
-    store it in the vault and write it to `out_path` or the CA's publish folder.
-
-    Raises:
-        CertificateError: there is no such CA.
-        CertificateValidityError: the CA is expired or not yet valid.
-    """
-    now = resolve_now(now)
-    ca = vault.get(ca_id) if ca_id else find_active_ca(vault)
-    if ca.kind is not KeyKind.TLS_CA or ca.is_tombstone:
-        raise CertificateError(f"{ca.id} is not a usable TLS CA; give the CA's key id.")
-    ca_certificate = load_record_certificate(vault, ca.id)
-    check_ca_usable(ca_certificate, now, ca.id)
-
-    entries = _revoked_entries(vault, ca.id)
-    number = int(ca.attributes.get("crl_number", "0")) + 1
-    ca_key = load_private_key(vault.read_secret(ca.id, "sign a CRL"), source=ca.id)
-    crl = build_crl(
-        ca_certificate,
-        ca_key,
-        entries,
-        number=number,
-        this_update=now,
-        next_update_days=next_update_days,
-    )
-    pem = crl_pem(crl)
-
-    ca.attributes["crl_number"] = str(number)
-    path = out_path or _default_crl_path(vault, ca)
-    if path is not None:
-        write_public_file(Path(path), pem)
-        ca.attributes["crl_path"] = path_for_record(vault, Path(path))
-    vault.update(
-        ca, operation="publish-crl", detail=f"CRL {number}, {len(entries)} revoked"
-    )
-    vault.add_attachment(ca.id, CRL_ATTACHMENT, pem)
-    logger.info("published CRL %d of %s with %d entries", number, ca.id, len(entries))
-    return PublishedCrl(
-        ca.id, number, [format(e.serial, "x") for e in entries], path, pem
-    )
-
-
-def crl_entries(vault: Vault, ca_id: str) -> dict[str, str]:
-    """Return the serials (hex) and reasons listed in the CA's latest CRL."""
-    pem = vault.read_attachment(ca_id, CRL_ATTACHMENT)
-    listed = {}
-    for revoked in x509.load_pem_x509_crl(pem):
-        try:
-            reason = revoked.extensions.get_extension_for_class(x509.CRLReason)
-            listed[format(revoked.serial_number, "x")] = reason.value.reason.value
-        except x509.ExtensionNotFound:
-            listed[format(revoked.serial_number, "x")] = "unspecified"
-    return listed
-
-
-def _default_crl_path(vault: Vault, ca: KeyRecord) -> Path | None:
-    folder = ca.attributes.get("publish_dir")
-    if not folder:
-        return None
-    return path_from_record(vault, folder) / f"{ca.id.replace('/', '-')}.crl.pem"
-
-
-def _revoked_entries(vault: Vault, ca_id: str) -> list[RevokedEntry]:
-    entries = []
-    for record in vault.find(kind=KeyKind.TLS_CERT.value):
-        for entry in json_attribute(record, "certificates"):
-            if entry["issuer"] != ca_id or entry["status"] not in (REVOKED, SUPERSEDED):
-                continue
-            entries.append(
-                RevokedEntry(
-                    int(entry["serial"], 16),
-                    datetime.fromisoformat(entry["revoked_at"]),
-                    entry["reason"],
-                )
-            )
-    return sorted(entries, key=lambda e: e.revoked_at)
-
-
-def _publish_crl_if_ca(vault: Vault, issuer_id: str, *, now: datetime) -> None:
-    if issuer_id == SELF_SIGNED:
-        return
-    issuer = vault.get(issuer_id)
-    if issuer.state is KeyState.ACTIVE:
-        publish_crl(vault, issuer_id, now=now)
 
 
 def _active_service_record(vault: Vault, key_id: str) -> KeyRecord:
@@ -421,11 +242,11 @@ def rotate_key(
     compromised, else ``superseded``), a new key and certificate are issued for
     the same names, deployed where the old ones were, and a new CRL is published.
 
-    For a CA: a new CA is created and published beside the old one, every
-    active service certificate of the old CA is reissued from the new CA with a
-    new key and redeployed, the old CA signs a last CRL listing all of them
+    For a CA: a new CA is created and published beside the old one. Every active
+    service certificate of the old CA is reissued from the new CA with a new key
+    and redeployed. The old CA then signs a last CRL that lists all of them
     (``cACompromise`` or ``superseded``), its root certificate is withdrawn from
-    the publish folder, and the old CA moves to compromised or deactivated.
+    the publish folder, and it moves to compromised or deactivated.
 
     Args:
         lab: the TRE, for the default publish folder of a CA.
@@ -457,7 +278,7 @@ def rotate_key(
     vault.record_operation(
         "rotate", key_id, "success", f"{reason}; new key {new_record.id}"
     )
-    _publish_crl_if_ca(vault, issuer_id, now=now)
+    publish_crl_if_ca(vault, issuer_id, now=now)
     return [new_record.id]
 
 

@@ -1,24 +1,21 @@
-"""X.509 building blocks for the TRE's certificates: names, keys, certificates, CRLs.
+"""X.509 building blocks for the TRE's certificates: keys, certificates, CRLs.
 
-This is the one module of the TLS capability that handles private keys as
-objects and PEM bytes. The lifecycle code in `trekeys.tls_ca` and
-`trekeys.tls_lifecycle` takes key ids, reads the PEM from the vault and hands
-it straight to the functions here.
+Private keys exist as objects only in this module. The other TLS modules take
+key ids, read the PEM from the vault and pass it straight to the functions
+here, or, when deploying, to the 0600 key file a web server reads.
 
 The certificate profile follows RFC 5280 and the CA/Browser Forum baseline
-requirements where they apply to a private PKI: random serials of 159 bits,
-subjectAltName for every name, basicConstraints and keyUsage marked critical,
-subject and authority key identifiers, and the serverAuth extended key usage
-on service certificates.
+requirements where they apply to a private PKI. Serials are 159 random bits,
+and the subjectAltName lists every name. basicConstraints and keyUsage are
+critical, both key identifiers are present, and service certificates carry
+the serverAuth extended key usage.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -33,17 +30,14 @@ from trekeys.errors import (
     CertificateError,
     CertificateKeyMismatchError,
     CertificateValidityError,
-    HostnameError,
 )
+from trekeys.tls_names import SubjectNames
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Workstation clocks drift; a certificate that starts a few minutes early is
 # accepted at once by a client whose clock is slightly behind.
 CLOCK_SKEW = timedelta(minutes=5)
-
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -84,68 +78,6 @@ REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
     "superseded": x509.ReasonFlags.superseded,
     "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
 }
-
-
-@dataclass(frozen=True)
-class SubjectNames:
-    """The DNS names and IP addresses that a service certificate covers."""
-
-    dns_names: list[str] = field(default_factory=list)
-    ip_addresses: list[IPAddress] = field(default_factory=list)
-
-    def as_strings(self) -> list[str]:
-        """Return every name as text, DNS names first."""
-        return self.dns_names + [str(ip) for ip in self.ip_addresses]
-
-
-def parse_subject_names(names: Sequence[str]) -> SubjectNames:
-    """Sort names into DNS names and IP addresses, checking each one.
-
-    DNS names follow the letter-digit-hyphen rule of RFC 1123: labels of 1 to
-    63 characters, at most 253 in all, and a last label that is not all digits
-    (RFC 3696 section 2), so that a mistyped IP address is not taken for a name.
-    Names are lower-cased and duplicates removed.
-
-    Raises:
-        HostnameError: no names were given, or one is not a valid DNS name or IP.
-    """
-    if not names:
-        raise HostnameError(
-            "a certificate needs at least one DNS name or IP address; give the "
-            "service's name."
-        )
-
-    dns_names: list[str] = []
-    ip_addresses: list[IPAddress] = []
-    for raw in names:
-        text = raw.strip()
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            name = _check_dns_name(raw)
-            if name not in dns_names:
-                dns_names.append(name)
-            continue
-        if address not in ip_addresses:
-            ip_addresses.append(address)
-    return SubjectNames(dns_names, ip_addresses)
-
-
-def _check_dns_name(raw: str) -> str:
-    name = raw.strip().lower().removesuffix(".")
-    labels = name.split(".")
-    valid = (
-        0 < len(name) <= 253
-        and all(_LABEL.match(label) for label in labels)
-        and not labels[-1].isdigit()
-    )
-    if not valid:
-        raise HostnameError(
-            f"{raw!r} is not a valid DNS name or IP address; use letters, digits "
-            "and hyphens in dot-separated labels (IDN names in their xn-- form), "
-            "or an IPv4 or IPv6 address."
-        )
-    return name
 
 
 def generate_private_key(key_type: str) -> PrivateKey:
@@ -222,13 +154,13 @@ def load_certificates(pem: bytes, *, source: str) -> list[x509.Certificate]:
     """Load every certificate from PEM data, leaf first as a server sends them.
 
     Raises:
-        CertificateError: the data holds no PEM certificate.
+        CertificateError: the data contains no PEM certificate.
     """
     try:
         certificates = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
         raise CertificateError(
-            f"{source} holds no readable PEM certificate; check the file."
+            f"{source} contains no valid PEM certificate; check the file."
         ) from exc
     return certificates
 
@@ -352,6 +284,8 @@ def build_service_certificate(
         days: the lifetime in days.
         issuer: the CA certificate and key that sign, or None for self-signed.
     """
+    # RFC 5280 caps the CN at 64 characters; clients match the subjectAltName,
+    # which carries the full name.
     subject = x509.Name(
         [x509.NameAttribute(NameOID.COMMON_NAME, names.as_strings()[0][:64])]
     )

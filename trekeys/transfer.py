@@ -31,14 +31,14 @@ from typing import Any
 from trekeys.errors import (
     CredentialError,
     IntegrityError,
-    ManifestMismatchError,
     PolicyError,
     RecordError,
+    TransferManifestError,
 )
 from trekeys.lab import Lab
 from trekeys.outputs import staged_output
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
-from trekeys.rotation import next_key_id, retire_key
+from trekeys.succession import next_key_id, retire_key
 from trekeys.vault import Vault
 from trekeys.wrap import key_check_value
 
@@ -140,7 +140,7 @@ def create_manifest(
         overwrite: replace `dest` if it exists.
 
     Raises:
-        PolicyError: the folder holds a symbolic link or a special file.
+        PolicyError: the folder contains a symbolic link or a special file.
         DestinationExistsError: `dest` exists and `overwrite` is false.
     """
     folder = Path(folder)
@@ -239,13 +239,13 @@ def verify_manifest(vault: Vault, manifest: Path, folder: Path) -> ManifestRepor
     """Check a folder against its manifest and raise on any difference.
 
     Raises:
-        ManifestMismatchError: a file was added, removed or changed; the
+        TransferManifestError: a file was added, removed or changed; the
             message names every one.
         IntegrityError: the manifest's MAC is invalid.
     """
     report = compare_manifest(vault, manifest, folder)
     if not report.ok:
-        raise ManifestMismatchError(
+        raise TransferManifestError(
             f"folder {folder} does not match manifest {Path(manifest).name} "
             f"({report.describe()}); do not import it, ask the sender to send it "
             "again.",

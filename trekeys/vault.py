@@ -37,7 +37,6 @@ from pykeepass.exceptions import (
 )
 from pykeepass.group import Group
 from pykeepass.kdbx_parsing.kdbx4 import kdf_uuids
-from pykeepass.pykeepass import BLANK_DATABASE_LOCATION, BLANK_DATABASE_PASSWORD
 
 from trekeys.audit import Actor, AuditLog, make_entry
 from trekeys.errors import (
@@ -60,6 +59,9 @@ META_PROPERTY = "trekeys.meta"
 SCHEMA_VERSION = 1
 _INDEXED_PROPERTIES = frozenset({ID_PROPERTY, RECORD_PROPERTY, META_PROPERTY})
 DEFAULT_GENERATIONS = 10
+
+EMPTY_TEMPLATE = Path(__file__).parent / "templates" / "empty-vault.kdbx"
+EMPTY_TEMPLATE_PASSWORD = "trekeys-empty-template"
 
 
 @dataclass(frozen=True)
@@ -251,9 +253,10 @@ class Vault:
 
         keyfile = str(credentials.keyfile) if credentials.keyfile else None
         tmp = path.with_name(f".{path.name}.creating")
-        # Start from pykeepass's blank template rather than `create_database`,
-        # which would first save the file under its own default KDF.
-        keepass = PyKeePass(BLANK_DATABASE_LOCATION, BLANK_DATABASE_PASSWORD)
+        # Start from an empty template with a 1 MiB Argon2id KDF rather than
+        # pykeepass's blank database, whose 64 MiB KDF costs seconds per pass.
+        # The template protects nothing: it is re-keyed before anything is added.
+        keepass = PyKeePass(str(EMPTY_TEMPLATE), EMPTY_TEMPLATE_PASSWORD)
         keepass.filename = str(tmp)
         keepass.password = credentials.password
         keepass.keyfile = keyfile
@@ -519,15 +522,18 @@ class Vault:
         """Return a key's material and log the read.
 
         Raises:
-            RecordError: the key is a tombstone or holds no material.
+            RecordError: the key is a tombstone or has no material stored.
+            VaultReadOnlyError: the vault is open read-only, so the read could
+                not be anchored in the audit log.
         """
+        self._require_writable()
         record = self.get(key_id)
         if record.is_tombstone:
             raise RecordError(f"key {key_id} was destroyed; its material is gone.")
         entry = self._entries[key_id]
         encoding = entry.get_custom_property(ENCODING_PROPERTY)
         if encoding is None:
-            raise RecordError(f"key {key_id} holds no key material in the vault.")
+            raise RecordError(f"key {key_id} has no key material in the vault.")
 
         self.record_operation("read", key_id, "success", reason)
         text = entry.password or ""

@@ -2,7 +2,7 @@
 
 Each user has a 256-bit wrapping key (``wrap/<user>``), handed over once at
 enrolment. A key that a user needs, such as the MAC key of a transfer
-channel, is sent as a *package*: a JSON file that holds the key wrapped with
+channel, is sent as a *package*: a JSON file that contains the key wrapped with
 AES key wrap with padding (RFC 5649, through the cryptography package), the
 ids of the key and of the wrapping key, and key check values of both.
 
@@ -38,7 +38,7 @@ from trekeys.errors import CredentialError, IntegrityError, RecordError
 from trekeys.lab import Lab
 from trekeys.outputs import staged_output
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
-from trekeys.rotation import next_key_id, retire_key
+from trekeys.succession import next_key_id, retire_key
 from trekeys.vault import Vault
 
 logger = logging.getLogger(__name__)

@@ -40,11 +40,14 @@ def main(verbose: int) -> None:
 
 def _register() -> None:
     from trekeys.cli import (
+        backupcmd,
+        ceremony,
         filescmd,
         incident,
         keys,
         labcmd,
         runs,
+        sshcmd,
         tls,
         transfercmd,
         vaultcmd,
@@ -56,13 +59,16 @@ def _register() -> None:
         labcmd,
         keys,
         runs,
+        backupcmd,
+        filescmd,
+        incident,
+        sshcmd,
         tls,
+        transfercmd,
         vaultcmd,
         volume,
-        filescmd,
-        transfercmd,
         wrapcmd,
-        incident,
+        ceremony,
     ):
         module.register(main)
 

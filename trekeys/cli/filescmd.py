@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from trekeys import files
+from trekeys import escrow, files
 from trekeys.cli.common import lab_option, open_lab_vault, share_option
+from trekeys.passphrases import check_passphrase_strength
 from trekeys.runbook import read_secret_input
 
 passphrase_file_option = click.option(
@@ -37,7 +38,7 @@ def create_key(lab_dir, share_files, user) -> None:
     """Create the escrow key of USER."""
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
-        record = files.create_escrow_key(lab, vault, user)
+        record = escrow.create_escrow_key(lab, vault, user)
     click.echo(f"{record.id} created (OpenPGP {record.fingerprint})")
 
 
@@ -61,7 +62,7 @@ def encrypt(lab_dir, share_files, user, source, output, passphrase_file, overwri
         passphrase = click.prompt(
             "Passphrase (not echoed)", hide_input=True, confirmation_prompt=True
         )
-    files.check_passphrase_strength(passphrase, user_inputs=[user])
+    check_passphrase_strength(passphrase, user_inputs=[user])
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
         dest = files.encrypt_path(
@@ -108,7 +109,7 @@ def show(lab_dir, share_files, user) -> None:
     """Show USER's escrow and passphrase keys and the files they protect."""
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
-        summary = files.user_summary(lab, vault, user)
+        summary = escrow.user_summary(lab, vault, user)
     for name in ("user", "escrow key", "passphrase key"):
         click.echo(f"{name}: {summary[name]}")
     for path in summary["files"]:

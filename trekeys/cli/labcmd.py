@@ -37,7 +37,9 @@ def create(directory: Path, strong_kdf: bool, threshold: int) -> None:
     """Build a demo TRE in DIRECTORY, which must be missing or empty."""
 
     def progress(step: str) -> None:
-        click.echo(f"  building {step.split(':')[-1]}", err=True)
+        click.echo(
+            f"  building {step.partition(':')[0].removeprefix('trekeys.')}", err=True
+        )
 
     built = create_lab(
         directory, fast_kdf=not strong_kdf, threshold=threshold, progress=progress
