@@ -835,3 +835,33 @@ def test_demo_ca_and_service_key_rotate_once(full_lab):
     assert new_ca != "tls/ca"
     for row in rows:
         assert row["passed"], row
+
+
+def test_demo_impact_of_instance_gpg_key(full_lab):
+    from trekeys.backup import list_backups
+
+    expected = {b.reference for b in list_backups(full_lab, "alpha")}
+    impact = impact_of(full_lab, "gpg/instance-alpha")
+    assert len(expected) >= 2
+    assert {d.ref for d in impact.data} == expected
+    assert {b.ref for b in impact.backups} == expected
+    for backup in impact.backups:
+        assert backup.still_open_with == ("gpg/admin", "gpg/admin-offline")
+
+
+def test_demo_instance_and_service_key_drill(full_lab):
+    leaked = ["gpg/instance-alpha", "tls/portal.tre.internal"]
+    with full_lab.open_vault() as vault:
+        plan, result = respond(full_lab, vault, leaked)
+        record_rows = verify_response(vault, plan, result)
+        tool_rows = verify_replacements(full_lab, vault, result.new_keys)
+        old_state = vault.get("gpg/instance-alpha").state
+
+    assert [s.key_id for s in plan.steps] == leaked
+    assert old_state is KeyState.COMPROMISED
+    for row in record_rows + tool_rows:
+        assert row["passed"], row
+    checked = {row["check"] for row in tool_rows}
+    assert "no backup is still encrypted to old gpg/instance-alpha" in checked
+    new_gpg = result.new_keys["gpg/instance-alpha"][0]
+    assert f"backups are encrypted to new {new_gpg}" in checked

@@ -5,7 +5,9 @@ only with the records. An old LUKS passphrase or boot key must no longer open
 its keyslot, and the new one must. An old volume key must no longer match the
 volume's header digest, the new one must, and the files must recover. An old
 TLS certificate must be listed in its CA's CRL, and its replacement must carry
-a different public key. Kinds without a check here are covered by the record checks of
+a different public key. No backup may stay encrypted to an old GPG key, and a
+re-encrypted backup must restore with each of its recipients. Kinds without a
+check here are covered by the record checks of
 `trekeys.incident_report.verify_response` only.
 """
 
@@ -144,7 +146,53 @@ def check_certificate(
     return rows
 
 
+def check_backup_key(
+    lab: Lab, vault: Vault, old_id: str, new_ids: list[str]
+) -> list[dict[str, Any]]:
+    """Check that no backup is left encrypted to the old GPG key.
+
+    The newest backup encrypted to each new key is then restored once with
+    every one of its recipients and compared with its manifest.
+    """
+    from trekeys.restore import drill_restore
+    from trekeys.rotation import find_backups_for_key
+
+    left = find_backups_for_key(lab, vault, old_id)
+    rows = [
+        _row(
+            f"no backup is still encrypted to old {old_id}",
+            not left,
+            ", ".join(b.reference for b in left) or "OpenPGP recipients read",
+        )
+    ]
+    lab.work_dir.mkdir(mode=0o700, exist_ok=True)
+    for new_id in new_ids:
+        found = find_backups_for_key(lab, vault, new_id)
+        rows.append(
+            _row(
+                f"backups are encrypted to new {new_id}",
+                bool(found),
+                f"{len(found)} backups",
+            )
+        )
+        if not found:
+            continue
+        newest = found[-1]
+        reports = drill_restore(lab, vault, newest, work_dir=lab.work_dir)
+        rows.append(
+            _row(
+                f"{newest.reference} restores with each recipient",
+                bool(reports) and all(r.passed for r in reports),
+                ", ".join(
+                    f"{r.key_id}: {'ok' if r.passed else r.error}" for r in reports
+                ),
+            )
+        )
+    return rows
+
+
 CHECKS: dict[KeyKind, Check] = {
+    KeyKind.GPG: check_backup_key,
     KeyKind.LUKS_PASSPHRASE: check_keyslot_secret,
     KeyKind.LUKS_BOOT_KEY: check_keyslot_secret,
     KeyKind.LUKS_VOLUME: check_volume_key,
