@@ -62,8 +62,8 @@ def choose_drill_keys(vault: Vault) -> tuple[list[str], str]:
     Raises:
         IncidentError: no candidate has rotators for every key it affects.
     """
-    # A project instance's GPG key is the policy's instance key; until GPG
-    # keys are in the vault, the instance's LUKS recovery passphrase stands in.
+    # A project instance's GPG key is the policy's instance key. A lab without
+    # GPG keys uses the instance's LUKS recovery passphrase instead.
     instance_keys = [
         r.id
         for kind in (KeyKind.GPG, KeyKind.LUKS_PASSPHRASE)
