@@ -82,7 +82,7 @@ def _per_call(vault: Vault, start: int, calls: int, action: str) -> float:
             record.attributes["touched"] = str(number)
             vault.update(record)
         timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+    return statistics.median(timings) * 1000
 
 
 def _add_and_update_at(folder: Path, size: int) -> tuple[float, float]:
@@ -95,7 +95,7 @@ def _add_and_update_at(folder: Path, size: int) -> tuple[float, float]:
 
 
 def _cold_lookup(path: Path, count: int, rounds: int = 5) -> float:
-    """Median seconds of a first `get` of a random id right after opening."""
+    """Median milliseconds of a first `get` of a random id right after opening."""
     rng = random.Random(count)
     timings = []
     for _ in range(rounds):
@@ -105,7 +105,7 @@ def _cold_lookup(path: Path, count: int, rounds: int = 5) -> float:
             vault.get(_record(number).id)
             timings.append(time.perf_counter() - started)
         vault.close()
-    return statistics.median(timings)
+    return statistics.median(timings) * 1000
 
 
 def _open_and_list(path: Path, rounds: int = 3) -> float:
@@ -161,14 +161,14 @@ def _measure_in(folder: Path, large: int, medium: int) -> list[Ratio]:
     add_small, update_small = _add_and_update_at(folder, SMALL)
     add_large, update_large = _add_and_update_at(folder, large)
     results.append(
-        _ratio(f"add record #{large:,} vs #{SMALL}", add_large, add_small, "s", 2.0)
+        _ratio(f"add record #{large:,} vs #{SMALL}", add_large, add_small, "ms", 2.0)
     )
     results.append(
         _ratio(
             f"update by id at {large:,} vs {SMALL}",
             update_large,
             update_small,
-            "s",
+            "ms",
             2.0,
         )
     )
@@ -195,7 +195,7 @@ def _measure_in(folder: Path, large: int, medium: int) -> list[Ratio]:
             f"look up by id at {large:,} vs {SMALL}",
             lookup_large,
             lookup_small,
-            "s",
+            "ms",
             2.0,
         )
     )

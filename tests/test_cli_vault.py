@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 from trekeys.cli import main
 from trekeys.custody import read_share_file
 from trekeys.lab import VAULT_MASTER_ID, Lab
+from trekeys.records import KeyKind, KeyRecord
 from trekeys.vault import list_generations
 
 
@@ -137,10 +138,16 @@ def test_custody_resplit_custodian_leaves(bare_lab: Lab) -> None:
         "2",
         "--reason",
         "Operations Manager left",
+        "--compromised",
     )
 
     assert result.exit_code == 0
     assert "removed share of a former custodian" in result.output
+    with Lab.load(bare_lab.root).open_vault(read_only=True) as vault:
+        tombstones = vault.find(kind="vault-master", state="destroyed-compromised")
+    assert [t.id for t in tombstones] == [
+        f"tre/vault-master/split-{tombstones[0].attributes['split']}"
+    ]
     assert len(Lab.load(bare_lab.root).share_files()) == 2
     assert _run("custody", "check", "--lab", str(bare_lab.root)).exit_code == 0
 
@@ -227,3 +234,46 @@ def test_missing_lab_exits_1(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert "does not exist; create it with 'trekeys lab create'" in result.stderr
+
+
+def test_vault_info_exits_1_when_strength_rule_fails(bare_lab: Lab) -> None:
+    with bare_lab.open_vault() as vault:
+        vault.add(
+            KeyRecord(
+                id="tre/huge",
+                kind=KeyKind.WRAPPING,
+                purpose="stronger than the vault",
+                owner="tre",
+                strength_bits=512,
+            ),
+            b"k" * 64,
+        )
+
+    result = _run("vault", "info", "--lab", str(bare_lab.root))
+
+    assert result.exit_code == 1
+    assert "strongest key held 512 bits: VIOLATES the policy" in result.output
+
+
+def test_relative_share_paths_follow_current_folder(bare_lab, monkeypatch):
+    monkeypatch.chdir(bare_lab.root.parent)
+    shares = [f"lab/custodians/{p.name}" for p in bare_lab.share_files()[:2]]
+    arguments = ["inventory", "--lab", "lab"]
+    for share in shares:
+        arguments += ["--share", share]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 0, result.output
+    assert "tre/vault-master" in result.output
+
+
+def test_relative_share_paths_in_environment(bare_lab, monkeypatch):
+    monkeypatch.chdir(bare_lab.root.parent)
+    shares = [f"lab/custodians/{p.name}" for p in bare_lab.share_files()[:2]]
+    monkeypatch.setenv("TREKEYS_SHARE_FILES", ":".join(shares))
+
+    result = CliRunner().invoke(main, ["inventory", "--lab", "lab"])
+
+    assert result.exit_code == 0, result.output
+    assert "tre/vault-master" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from trekeys.custody import (
 from trekeys.errors import CredentialError, ShareError
 from trekeys.lab import VAULT_MASTER_ID, Lab, create_lab
 from trekeys.records import KeyState
-from trekeys.resplit import lab_custodians, resplit_lab_custody
+from trekeys.resplit import lab_custodians, resplit_and_prove, resplit_lab_custody
 from trekeys.vault import list_generations
 
 ROLES = [
@@ -190,6 +191,9 @@ def test_resplit_makes_old_shares_useless(bare_lab: Lab, tmp_path: Path) -> None
         master = vault.get(VAULT_MASTER_ID)
         assert master.attributes["split"] == result.new_split
         assert master.attributes["previous_split"] == old_split
+        history = vault._entries[VAULT_MASTER_ID].history
+        assert len(history) == 1
+        assert old_split in history[0].get_custom_property("trekeys.record")
         tombstone = vault.get(result.tombstone_id)
         assert tombstone.state is KeyState.DESTROYED
         assert vault.audit_log.verify(vault.meta["audit_head"]) > 0
@@ -240,3 +244,43 @@ def test_lab_with_one_of_two_custody(tmp_path: Path) -> None:
     for path in lab.share_files():
         with lab.open_vault([path]) as vault:
             assert vault.get(VAULT_MASTER_ID).attributes["threshold"] == "1"
+
+
+def test_resplit_and_prove_on_lab(bare_lab: Lab) -> None:
+    with bare_lab.open_vault() as vault:
+        first = resplit_and_prove(bare_lab, vault, reason="drill")
+    with bare_lab.open_vault() as vault:
+        second = resplit_and_prove(bare_lab, vault, reason="drill again")
+
+    for proof in (first, second):
+        assert proof.old_shares_rejected
+        assert proof.generations_reject_old_shares
+        assert proof.new_shares_open
+        assert [row["valid"] for row in proof.share_checks] == [True, True, True]
+    assert second.result.old_split == first.result.new_split
+
+
+def test_resplit_failed_save_keeps_old_shares(
+    bare_lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the rename that would publish the re-keyed vault fails,
+    # as on a full or failing device.
+    before_vault = bare_lab.vault_path.read_bytes()
+    before_shares = _snapshot(bare_lab.custodians_dir)
+    real_replace = os.replace
+
+    def failing_replace(source, target) -> None:
+        if Path(target) == bare_lab.vault_path:
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr("trekeys.vault.os.replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        with bare_lab.open_vault() as vault:
+            resplit_lab_custody(bare_lab, vault, reason="device full")
+    monkeypatch.undo()
+
+    assert _snapshot(bare_lab.custodians_dir) == before_shares
+    assert bare_lab.vault_path.read_bytes() == before_vault
+    with bare_lab.open_vault(read_only=True) as vault:
+        assert vault.ids() == [VAULT_MASTER_ID]

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from trekeys.errors import DestinationExistsError
 from trekeys.inventory import (
     build_inventory,
+    export_inventory,
     to_csv,
     to_json,
     to_table,
@@ -167,3 +169,16 @@ def test_strength_rule_violated_by_stronger_key(
 
     assert not holds
     assert "strongest key held 384 bits: VIOLATES the policy" in message
+
+
+def test_export_writes_both_formats_once(stocked_vault: Vault, tmp_path: Path) -> None:
+    rows = build_inventory(stocked_vault, now=NOW)
+
+    written = export_inventory(rows, tmp_path / "reports", now=NOW)
+
+    assert json.loads(written["json"].read_text())[0]["id"] == rows[0].id
+    assert written["csv"].read_text().splitlines()[0].startswith("id,kind,owner")
+    for path in written.values():
+        with pytest.raises(DestinationExistsError, match="already exists"):
+            export_inventory(rows, path.parent, now=NOW)
+        assert path.stat().st_size > 0

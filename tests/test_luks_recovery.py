@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from trekeys.errors import (
     CredentialError,
     DestinationExistsError,
     HeaderBackupError,
+    IntegrityError,
     ManifestMismatchError,
 )
 from trekeys.lab import Lab
@@ -205,3 +207,48 @@ def test_stale_scratch_is_removed_at_start(full_lab: Lab) -> None:
         RecoveryDrill.start(full_lab, vault, "alpha").cleanup()
 
     assert not leftover.exists()
+
+
+def test_drill_scratch_data_is_private(full_lab: Lab) -> None:
+    with full_lab.open_vault() as vault:
+        drill = RecoveryDrill.start(full_lab, vault, "beta")
+        try:
+            copy = drill.copy_volume()
+            drill.use_escrowed_volume_key()
+            folder = drill.decrypt_and_extract(copy)
+            scratch_modes = {
+                path: stat.S_IMODE(path.lstat().st_mode)
+                for path in [drill.scratch, *drill.scratch.rglob("*")]
+            }
+        finally:
+            drill.cleanup()
+
+    assert any(path.is_relative_to(folder) for path in scratch_modes)
+    assert scratch_modes[drill.scratch] == 0o700
+    for path, mode in scratch_modes.items():
+        assert mode & 0o077 == 0, f"{path} has mode {mode:o}"
+
+
+def test_proof_needs_a_proven_step(full_lab: Lab) -> None:
+    with full_lab.open_vault() as vault:
+        drill = RecoveryDrill.start(full_lab, vault, "beta")
+        try:
+            with pytest.raises(IntegrityError, match="has proved nothing yet"):
+                drill.record_proof("run-1")
+        finally:
+            drill.cleanup()
+        record = vault.get("beta/luks-volume")
+
+    assert "last_recovery_report" not in record.attributes
+
+
+def test_failed_recovery_leaves_no_folder(full_lab: Lab, tmp_path: Path) -> None:
+    restores = tmp_path / "restores"
+    with full_lab.open_vault() as vault:
+        vault.put_secret("beta/luks-volume", os.urandom(64), reason="test")
+
+        with pytest.raises(CredentialError, match="does not match the digest"):
+            recover_files(full_lab, vault, "beta", restores / "out")
+
+    assert list(restores.iterdir()) == []
+    assert scratch_folders(full_lab) == []

@@ -27,8 +27,10 @@ def test_activation_sets_activated_date():
         ([KeyState.ACTIVE, KeyState.DEACTIVATED], KeyState.ACTIVE),
         ([KeyState.ACTIVE, KeyState.DEACTIVATED, KeyState.DESTROYED], KeyState.ACTIVE),
         ([KeyState.ACTIVE, KeyState.COMPROMISED], KeyState.ACTIVE),
-        ([KeyState.ACTIVE, KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED],
-         KeyState.DESTROYED),
+        (
+            [KeyState.ACTIVE, KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED],
+            KeyState.DESTROYED,
+        ),
     ],
 )
 def test_forbidden_transition_raises(path, forbidden):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
+import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +15,7 @@ from tls_support import closed_port, plain_text_server, silent_server
 
 from trekeys import tls
 from trekeys.cli import main
-from trekeys.errors import EndpointError, PolicyError
+from trekeys.errors import CertificateError, EndpointError, PolicyError
 from trekeys.lab import Lab, create_lab
 from trekeys.records import utcnow
 from trekeys.tls_endpoints import Endpoint, fetch_certificate
@@ -104,7 +106,10 @@ def test_expired_certificate_still_deployed_fails(lab: Lab, vault: Vault) -> Non
     old = _by_source(report)[str(lab.services_dir / "old" / "fullchain.pem")]
     assert report.failures == [old]
     assert old.days_left < 0
-    assert old.failures == ["expired 70 days ago"]
+    assert old.failures == [
+        "expired 70 days ago",
+        "does not verify for old.tre.internal",
+    ]
     assert old.hostname_verified is False
 
 
@@ -134,7 +139,7 @@ def test_mismatched_key_file_fails(lab: Lab, vault: Vault) -> None:
     assert "does not match" in gitlab.failures[0]
 
 
-def test_unknown_certificate_file_warns(lab: Lab, vault: Vault) -> None:
+def test_unknown_self_signed_file_fails(lab: Lab, vault: Vault) -> None:
     key = generate_private_key("ecdsa-p256")
     names = parse_subject_names(["stray.tre.internal"])
     stray_certificate = build_service_certificate(key, names, utcnow(), 90)
@@ -143,9 +148,10 @@ def test_unknown_certificate_file_warns(lab: Lab, vault: Vault) -> None:
     report = tls.audit_tls(lab, vault)
 
     stray = _by_source(report)[str(lab.services_dir / "stray.pem")]
-    assert report.passed
+    assert not report.passed
     assert stray.vault_status == "not in vault"
-    assert "certificate not in the vault" in stray.warnings
+    assert stray.warnings == ["certificate not in the vault"]
+    assert stray.failures == ["does not verify for stray.tre.internal"]
 
 
 def test_self_signed_deployment_verifies(lab: Lab, vault: Vault) -> None:
@@ -173,7 +179,7 @@ def test_live_endpoints_audited_by_handshake(lab: Lab, vault: Vault) -> None:
     assert report.passed
 
 
-def test_endpoint_with_wrong_name_warns(lab: Lab, vault: Vault) -> None:
+def test_endpoint_with_wrong_name_fails(lab: Lab, vault: Vault) -> None:
     folder = lab.services_dir / "portal.tre.internal"
     with tls.serve_tls(folder / "fullchain.pem", folder / "privkey.pem") as endpoint:
         wrong = Endpoint(endpoint.host, endpoint.port, "gitlab.tre.internal")
@@ -182,6 +188,7 @@ def test_endpoint_with_wrong_name_warns(lab: Lab, vault: Vault) -> None:
     finding = report.findings[0]
     assert finding.hostname_verified is False
     assert "Hostname mismatch" in finding.verification_detail
+    assert finding.verdict == "FAIL"
     assert finding.vault_key == "tls/portal.tre.internal"
 
 
@@ -292,3 +299,191 @@ def test_cli_issue_bad_hostname(lab: Lab) -> None:
 
     assert result.exit_code == 1
     assert "Error: 'bad_name' is not a valid DNS name or IP address" in result.output
+
+
+def _openssl_self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """Create a self-signed certificate as `openssl req -x509` does by default,
+    which marks it CA:TRUE, and return its chain and key paths."""
+    chain, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec",
+            "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(key), "-out", str(chain),
+            "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+            "-days", "90",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return chain, key
+
+
+def test_swapped_certificate_fails_key_check(
+    lab: Lab, vault: Vault, tmp_path: Path
+) -> None:
+    foreign, _ = _openssl_self_signed(tmp_path, "other.example")
+    shutil.copy(foreign, _chain(lab, "portal.tre.internal"))
+
+    report = tls.audit_tls(lab, vault)
+
+    portal = _by_source(report)[_chain(lab, "portal.tre.internal")]
+    assert portal.verdict == "FAIL"
+    assert portal.key_matches is False
+    assert portal.service == "portal.tre.internal"
+    assert "key file privkey.pem does not match the certificate" in portal.failures
+    assert "not a certificate of tls/portal.tre.internal" in portal.failures
+    assert not report.passed
+
+
+def test_serve_deployments_skips_mismatched_key(lab: Lab, vault: Vault) -> None:
+    gitlab = lab.services_dir / "gitlab.tre.internal" / "fullchain.pem"
+    shutil.copy(gitlab, _chain(lab, "portal.tre.internal"))
+
+    with tls.serve_deployments(vault) as served:
+        report = tls.audit_tls(lab, vault, endpoints=served)
+
+    portal = _by_source(report)[_chain(lab, "portal.tre.internal")]
+    assert sorted(e.service for e in served) == [
+        "gitlab.tre.internal",
+        "jupyter.tre.internal",
+    ]
+    assert portal.key_matches is False
+    assert not report.passed
+
+
+def test_serve_tls_mismatched_key_raises(lab: Lab) -> None:
+    portal = lab.services_dir / "portal.tre.internal"
+    gitlab = lab.services_dir / "gitlab.tre.internal"
+
+    with pytest.raises(CertificateError, match="privkey.pem does not match"):
+        with tls.serve_tls(portal / "fullchain.pem", gitlab / "privkey.pem"):
+            pass
+
+
+def test_other_service_files_deployed_fail(lab: Lab, vault: Vault) -> None:
+    gitlab = lab.services_dir / "gitlab.tre.internal"
+    portal = lab.services_dir / "portal.tre.internal"
+    shutil.copy(gitlab / "fullchain.pem", portal / "fullchain.pem")
+    shutil.copy(gitlab / "privkey.pem", portal / "privkey.pem")
+
+    report = tls.audit_tls(lab, vault)
+
+    finding = _by_source(report)[_chain(lab, "portal.tre.internal")]
+    assert finding.key_matches is True
+    assert finding.service == "portal.tre.internal"
+    assert finding.vault_key == "tls/gitlab.tre.internal"
+    assert finding.hostname_verified is False
+    assert "not a certificate of tls/portal.tre.internal" in finding.failures
+    assert "does not verify for portal.tre.internal" in finding.failures
+    assert not report.passed
+
+
+def test_self_signed_endpoint_fails(lab: Lab, vault: Vault, tmp_path: Path) -> None:
+    chain, key = _openssl_self_signed(tmp_path, "portal.tre.internal")
+    with tls.serve_tls(chain, key) as served:
+        endpoint = Endpoint(served.host, served.port, "portal.tre.internal")
+        report = tls.audit_tls(lab, vault, scan_dirs=[], endpoints=[endpoint])
+
+    finding = report.findings[0]
+    assert finding.verdict == "FAIL"
+    assert finding.hostname_verified is False
+    assert finding.failures[0].startswith("handshake does not verify:")
+    assert not report.passed
+
+
+def test_expiry_warning_pluralised(lab: Lab, vault: Vault) -> None:
+    report = tls.audit_tls(lab, vault, now=utcnow() + timedelta(days=400))
+    jupyter = _by_source(report)[_chain(lab, "jupyter.tre.internal")]
+    record = vault.get("tls/jupyter.tre.internal")
+    one_day_before = record.expires - timedelta(days=1, hours=1)
+
+    soon = tls.audit_tls(lab, vault, now=one_day_before)
+
+    assert jupyter.failures[0].endswith("days ago")
+    assert _by_source(soon)[_chain(lab, "jupyter.tre.internal")].warnings == [
+        "expires in 1 day"
+    ]
+
+
+def test_cli_audit_fails_bad_deployments(lab: Lab, tmp_path: Path) -> None:
+    foreign, _ = _openssl_self_signed(tmp_path, "other.example")
+    shutil.copy(foreign, _chain(lab, "portal.tre.internal"))
+
+    result = CliRunner().invoke(main, ["tls", "audit", "--lab", str(lab.root)])
+
+    portal_line = next(
+        line for line in result.stdout.splitlines() if "portal.tre.internal" in line
+    )
+    assert result.exit_code == 1
+    assert portal_line.startswith("FAIL")
+    assert "does not match" in portal_line
+
+
+def test_cli_audit_fails_other_service_files(lab: Lab) -> None:
+    gitlab = lab.services_dir / "gitlab.tre.internal"
+    portal = lab.services_dir / "portal.tre.internal"
+    shutil.copy(gitlab / "fullchain.pem", portal / "fullchain.pem")
+    shutil.copy(gitlab / "privkey.pem", portal / "privkey.pem")
+
+    result = CliRunner().invoke(main, ["tls", "audit", "--lab", str(lab.root)])
+
+    portal_line = next(
+        line for line in result.stdout.splitlines() if str(portal) in line
+    )
+    assert result.exit_code == 1
+    assert portal_line.startswith("FAIL")
+
+
+def test_cli_audit_fails_self_signed_endpoint(lab: Lab, tmp_path: Path) -> None:
+    chain, key = _openssl_self_signed(tmp_path, "portal.tre.internal")
+    with tls.serve_tls(chain, key) as served:
+        address = f"portal.tre.internal@{served.address}"
+        result = CliRunner().invoke(
+            main,
+            ["tls", "audit", "--lab", str(lab.root), "--endpoint", address],
+        )
+
+    endpoint_line = next(
+        line for line in result.stdout.splitlines() if served.address in line
+    )
+    assert result.exit_code == 1
+    assert endpoint_line.startswith("FAIL")
+    assert "handshake does not verify" in endpoint_line
+
+
+def test_cli_audit_unreachable_days_column(lab: Lab) -> None:
+    refused = closed_port()
+
+    result = CliRunner().invoke(
+        main,
+        ["tls", "audit", "--lab", str(lab.root), "--endpoint", refused.address],
+    )
+
+    line = next(line for line in result.stdout.splitlines() if refused.address in line)
+    assert line.split()[:2] == ["WARN", "-"]
+    assert " d " not in line
+
+
+def test_expiry_timeline_html_has_alt_text(lab: Lab, vault: Vault) -> None:
+    report = tls.audit_tls(lab, vault)
+    png = tls.expiry_timeline_png(report)
+
+    alt = tls.expiry_timeline_alt(report)
+    tag = tls.expiry_timeline_html(png, 'a "quoted" <chart>')
+
+    assert alt.startswith("Certificate expiry timeline of 4 certificates, 0 failing")
+    assert "jupyter.tre.internal [WARN]" in alt
+    assert tag.startswith('<img alt="a &quot;quoted&quot; &lt;chart&gt;" src="data:')
+    assert base64.b64decode(tag.split("base64,")[1].removesuffix('"/>')) == png
+
+
+def test_missing_key_file_fails(lab: Lab, vault: Vault) -> None:
+    (lab.services_dir / "gitlab.tre.internal" / "privkey.pem").unlink()
+
+    report = tls.audit_tls(lab, vault)
+
+    gitlab = _by_source(report)[_chain(lab, "gitlab.tre.internal")]
+    assert gitlab.key_matches is False
+    assert gitlab.failures[0].startswith("key file privkey.pem is unusable: ")
+    assert "No such file" in gitlab.failures[0]

@@ -117,4 +117,4 @@ def test_cli_audit_json(lab: Lab) -> None:
     assert result.exit_code == 0
     assert rows[0]["verdict"] == "WARN"
     assert rows[0]["service"] == "jupyter.tre.internal"
-    assert "4 certificates, 0 failing, 1 warnings" in result.stderr
+    assert "4 certificates, 0 failing, 1 warning" in result.stderr

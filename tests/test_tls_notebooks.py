@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def test_audit_drill_fails_on_revoked_deployment(full_lab: Lab, tmp_path: Path) 
     )
 
     assert result.exit_code == 1
-    assert "failed     tls-audit" in result.output
+    assert re.search(r"failed +tls-audit", result.output)
     assert "nothing expired, revoked or mismatched" in result.output
     assert "portal.tre.internal" in result.output
 
@@ -60,3 +62,28 @@ def test_audit_drill_fails_on_expired_deployment(full_lab: Lab, tmp_path: Path) 
 
     assert outcome["tls-audit"].startswith("failed")
     assert "expired 10 days ago" in outcome["tls-audit"]
+
+
+def test_audit_drill_swapped_certificate_fails(full_lab: Lab, tmp_path: Path) -> None:
+    services = full_lab.services_dir
+    shutil.copy(
+        services / "gitlab.tre.internal" / "fullchain.pem",
+        services / "portal.tre.internal" / "fullchain.pem",
+    )
+
+    run = run_drills(full_lab.root, tmp_path / "reports", names=["tls-audit"])
+
+    drill = run.drills[0]
+    failed_checks = [c["name"] for c in drill.checks if not c["passed"]]
+    report = next((tmp_path / "reports").glob("*/tls-audit.html")).read_text()
+    assert drill.outcome == "failed"
+    assert "SSLError" not in drill.error
+    assert "does not match" in drill.error
+    assert "not a certificate of tls/portal.tre.internal" in drill.error
+    assert "nothing expired, revoked or mismatched is deployed or served" in (
+        failed_checks
+    )
+    assert "SSLError" not in report
+    assert "KEY_VALUES_MISMATCH" not in report
+    assert 'alt="Certificate expiry timeline of ' in report
+    assert "No description has been provided" not in report

@@ -17,6 +17,7 @@ from trekeys.errors import (
     RecordNotFoundError,
     VaultCorruptError,
     VaultError,
+    VaultLockedError,
     VaultReadOnlyError,
 )
 from trekeys.generations import describe_generations, restore_generation
@@ -128,7 +129,10 @@ def test_flipped_byte_detected(
         Vault.open(vault_path, credentials)
 
     assert caught.value.path == vault_path
-    assert list_generations(vault_path)
+    newest = list_generations(vault_path)[0]
+    with Vault.open(newest, credentials, read_only=True) as previous:
+        assert previous.ids() == []
+        assert previous.meta["schema"] == 1
 
 
 def test_restore_generation_recovers_corrupt_vault(
@@ -347,3 +351,43 @@ def test_vault_files_are_private(
     generations = vault_path.parent / f"{vault_path.stem}-generations"
     assert vault_path.stat().st_mode & 0o077 == 0
     assert generations.stat().st_mode & 0o077 == 0
+
+
+def test_locked_vault_raises_after_timeout(
+    vault_path: Path, credentials: VaultCredentials
+) -> None:
+    with Vault.open(vault_path, credentials):
+        with pytest.raises(VaultLockedError, match="locked by another trekeys"):
+            Vault.open(vault_path, credentials, lock_timeout=0.2)
+
+
+@pytest.mark.parametrize(
+    ("edited", "expected"),
+    [("{not json", "is not valid JSON"), ('{"id": "other/key"}', "does not describe")],
+)
+def test_record_edited_outside_trekeys_rejected(
+    vault_path: Path, credentials: VaultCredentials, edited: str, expected: str
+) -> None:
+    with Vault.open(vault_path, credentials) as vault:
+        vault.add(_record("a/b"), b"secret")
+        vault._entries["a/b"].set_custom_property("trekeys.record", edited)
+        vault._records.clear()
+
+    with Vault.open(vault_path, credentials, read_only=True) as vault:
+        with pytest.raises(RecordError, match=expected):
+            vault.get("a/b")
+        assert "a/b" in vault.ids()
+
+
+def test_restore_with_wrong_credentials_changes_nothing(
+    vault_path: Path, credentials: VaultCredentials
+) -> None:
+    _add_one(vault_path, credentials, "keep/one")
+    before = vault_path.read_bytes()
+    generations = list_generations(vault_path)
+
+    with pytest.raises(CredentialError, match="do not open vault"):
+        restore_generation(vault_path, "1", VaultCredentials(bytes(32)))
+
+    assert vault_path.read_bytes() == before
+    assert list_generations(vault_path) == generations

@@ -152,11 +152,16 @@ class AuditLog:
     def _read(self) -> Iterator[tuple[int, dict[str, Any]]]:
         if not self.path.exists():
             return
-        with self.path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        if not self.path.is_file():
+            raise AuditError(
+                f"audit log {self.path} is not a regular file; restore the log file "
+                "from a backup."
+            )
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
                 try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as exc:
+                    entry = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                     raise AuditError(
                         f"audit log {self.path} line {number} is not valid JSON.",
                         line=number,

@@ -158,7 +158,11 @@ def _share_error(detail: str) -> CredentialError:
         )
     if "digest" in lowered:
         return CredentialError("the custody shares do not rebuild the master secret.")
-    return ShareError(f"the custody shares are invalid ({detail}).")
+    # Some library messages quote the share words, so the detail is not shown.
+    return ShareError(
+        "the custody shares are invalid; check each share file against its "
+        "custodian's paper copy."
+    )
 
 
 def _split_identifier(mnemonic: str) -> str:
@@ -192,7 +196,8 @@ def read_share_file(path: Path) -> str:
     """Return the share words from a share file.
 
     Raises:
-        ShareError: the file is missing or holds no share.
+        ShareError: the file is missing, unreadable, holds no share, or its
+            share has a bad checksum.
     """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -200,9 +205,23 @@ def read_share_file(path: Path) -> str:
         raise ShareError(
             f"custody share file {path} is missing; ask its custodian for the share."
         ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShareError(
+            f"custody share file {path} cannot be read as text; check that it is "
+            "the custodian's share file."
+        ) from exc
     words = " ".join(line.strip() for line in lines if not line.startswith("#")).strip()
     if not words:
-        raise ShareError(f"custody share file {path} holds no share words.")
+        raise ShareError(f"custody share file {path} contains no share words.")
+
+    try:
+        shamir_mnemonic.share.Share.from_mnemonic(words)
+    except MnemonicError as exc:
+        # The library's message quotes the words, so it is not passed on.
+        raise ShareError(
+            f"custody share file {path} has a bad checksum or an unknown word; "
+            "check each word against the custodian's paper copy."
+        ) from exc
     return words
 
 

@@ -2,8 +2,8 @@
 
 Every save hard-links the file it replaces into ``<vault>-generations/``,
 keeping the newest few. A restore opens the chosen generation with the
-custodians' credentials (so a corrupt or foreign file is rejected before
-anything changes) and saves it as the live vault; that save keeps the live
+custodians' credentials, so a corrupt or foreign file is rejected before
+anything changes, and saves it as the live vault. That save keeps the live
 file as a generation in turn, so a restore can itself be undone.
 """
 

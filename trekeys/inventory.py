@@ -11,11 +11,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
+from trekeys.errors import DestinationExistsError
 from trekeys.records import KeyRecord, KeyState, utcnow
 from trekeys.vault import Vault, strength_bits_of
+
+logger = logging.getLogger(__name__)
 
 VAULT_STRENGTH_BITS = 256
 DEFAULT_WARNING_DAYS = 30
@@ -152,3 +158,33 @@ def to_table(rows: list[InventoryRow]) -> str:
         cells = [f"{values[name]!s:{width}}" for name, width in _TABLE_COLUMNS]
         lines.append(" ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def export_inventory(
+    rows: list[InventoryRow], folder: Path, *, now: datetime | None = None
+) -> dict[str, Path]:
+    """Write the inventory as CSV and JSON files in `folder`, named by UTC time.
+
+    Each file is written under a temporary name and renamed, so a reader never
+    sees half a file.
+
+    Returns:
+        The paths written, keyed by format ("csv", "json").
+
+    Raises:
+        DestinationExistsError: a file of that name already exists.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
+    written = {}
+    for extension, text in (("csv", to_csv(rows)), ("json", to_json(rows))):
+        target = folder / f"inventory-{stamp}.{extension}"
+        if target.exists():
+            raise DestinationExistsError(target)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        written[extension] = target
+    logger.info("exported the inventory of %d keys to %s", len(rows), folder)
+    return written

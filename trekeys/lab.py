@@ -30,7 +30,7 @@ from trekeys.custody import (
     split_master_secret,
     write_share_file,
 )
-from trekeys.errors import LabError, ShareError
+from trekeys.errors import CredentialError, LabError, ShareError
 from trekeys.records import KeyKind, KeyRecord, KeyState
 from trekeys.vault import KdfSettings, Vault, VaultCredentials
 
@@ -191,12 +191,36 @@ class Lab:
         read_only: bool = False,
     ) -> Vault:
         """Open the lab's vault with the custodians' shares."""
-        return Vault.open(
-            self.vault_path,
-            self.credentials(share_files),
-            actor=actor,
-            read_only=read_only,
+        return self.open_vault_with(
+            self.credentials(share_files), actor=actor, read_only=read_only
         )
+
+    def open_vault_with(
+        self,
+        credentials: VaultCredentials,
+        *,
+        actor: Actor | None = None,
+        read_only: bool = False,
+    ) -> Vault:
+        """Open the lab's vault, pointing to staged shares of an unfinished re-split.
+
+        Raises:
+            CredentialError: the credentials do not open the vault; when a
+                re-split stopped after re-keying, the message names the folder
+                that holds the only shares that open it.
+        """
+        try:
+            return Vault.open(
+                self.vault_path, credentials, actor=actor, read_only=read_only
+            )
+        except CredentialError as exc:
+            staged = sorted(self.custodians_dir.glob(".resplit-*"))
+            if not staged:
+                raise
+            raise CredentialError(
+                f"{exc} A custody re-split did not finish: its new shares are in "
+                f"{staged[-1]}; use them, then move them into {self.custodians_dir}."
+            ) from exc
 
     def check_each_share(self, vault: Vault) -> list[dict[str, Any]]:
         """Check every custodian's share file on its own against the vault's master."""

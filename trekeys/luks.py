@@ -69,6 +69,7 @@ __all__ = [
     "destroy_volume",
     "export_header_backup",
     "key_ids",
+    "known_instances",
     "provision_volume",
     "read_escrowed_volume_key",
     "read_manifest",
@@ -105,15 +106,35 @@ def current_key(vault: Vault, instance: str, kind: KeyKind) -> KeyRecord:
     """Return the active key of `kind` for `instance`'s volume.
 
     Raises:
-        RecordError: the instance has no active key of that kind.
+        VolumeError: no volume was ever provisioned for `instance`; the message
+            lists the instances that have one.
+        RecordError: the instance has no active key of that kind, or several.
     """
-    found = vault.find(kind=kind.value, owner=f"instance:{instance}", state="active")
+    owner = f"instance:{instance}"
+    found = vault.find(kind=kind.value, owner=owner, state="active")
+    if not found and not vault.find(kind=KeyKind.LUKS_VOLUME.value, owner=owner):
+        raise VolumeError(
+            f"no volume for instance {instance}; known instances: "
+            f"{', '.join(known_instances(vault)) or 'none'}. Check the name, or run "
+            f"'trekeys volume provision {instance} --device PATH' to create one."
+        )
     if len(found) != 1:
         raise RecordError(
             f"instance {instance} has {len(found)} active {kind.value} keys, not one; "
             "run 'trekeys inventory --owner instance:" + instance + "' to inspect them."
         )
     return found[0]
+
+
+def known_instances(vault: Vault) -> list[str]:
+    """Return the sorted names of the instances that have an active volume."""
+    volumes = vault.find(kind=KeyKind.LUKS_VOLUME.value, state="active")
+    owners = {volume.owner for volume in volumes}
+    return sorted(
+        owner.removeprefix("instance:")
+        for owner in owners
+        if owner.startswith("instance:")
+    )
 
 
 def new_passphrase() -> str:

@@ -8,7 +8,9 @@ know nothing about the vault; `trekeys.luks` decides which keys to use.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 
 from trekeys.cryptsetup import KdfSettings, run_tool, secret_file
@@ -301,9 +303,14 @@ def build_ext4_image(
 
 
 def extract_ext4(image: Path, target: Path) -> None:
-    """Copy every file of the ext4 file system in `image` into `target`."""
+    """Copy every file of the ext4 file system in `image` into `target`.
+
+    ``debugfs rdump`` gives the copies the modes stored in the file system
+    (often 755 and 644), so the extracted tree is then made private.
+    """
     target.mkdir(mode=0o700, parents=True)
     result = run_tool("debugfs", ["-R", f"rdump / {target}", str(image)], device=image)
+    make_private(target)
 
     # debugfs exits 0 even when it cannot open the file system.
     stderr = result.stderr.decode("utf-8", "replace")
@@ -312,3 +319,18 @@ def extract_ext4(image: Path, target: Path) -> None:
             f"the decrypted image {image} contains no readable ext4 file system; the "
             "volume key or the segment metadata is wrong."
         )
+
+
+def make_private(root: Path) -> None:
+    """Remove the group and other permission bits from `root` and everything in it.
+
+    Recovered research data must be readable by its owner only. Symbolic links
+    are left alone because their own mode is not used.
+    """
+    paths = [root]
+    for folder, dirs, files in os.walk(root):
+        paths.extend(Path(folder, name) for name in dirs + files)
+    for path in paths:
+        info = path.lstat()
+        if not stat.S_ISLNK(info.st_mode):
+            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)

@@ -48,6 +48,7 @@ from trekeys.luks_device import (
     dump_volume_key,
     erase_keyslots,
     extract_ext4,
+    make_private,
     restore_header,
     verify_key,
 )
@@ -189,6 +190,9 @@ class RecoveryDrill:
     boot_key_id: str
     live: Path
     files_checked: int = 0
+    # What each successful step proved, for the audit entry of the proof.
+    proven: list[str] = field(default_factory=list)
+    _key_source: str = ""
     _live_state: tuple[int, int] = (0, 0)
     _header: LuksHeader | None = None
     _volume_key: bytes | None = field(default=None, repr=False)
@@ -213,7 +217,9 @@ class RecoveryDrill:
             lab.work_dir / f"{SCRATCH_PREFIX}{instance}-{stamp}-{secrets.token_hex(3)}"
         )
         scratch.mkdir(mode=0o700)
-        (scratch / "owner.pid").write_text(str(os.getpid()), encoding="ascii")
+        pid_fd = os.open(scratch / "owner.pid", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(pid_fd, "w", encoding="ascii") as pid_file:
+            pid_file.write(str(os.getpid()))
         drill = cls(
             lab, vault, instance, scratch, volume.id, passphrase.id, boot_key.id, live
         )
@@ -248,23 +254,27 @@ class RecoveryDrill:
         export_header_backup(self.vault, self.volume_id, backup)
         restore_header(copy, backup)
         self._header = read_header(copy)
+        self.proven.append("header restored from the vault's backup")
         return self._header
 
     def test_passphrase(self, copy: Path) -> None:
         """Open the copy with the escrowed recovery passphrase (test only)."""
         passphrase = self.vault.read_secret(self.passphrase_id, "recovery drill")
         verify_key(copy, passphrase)
+        self.proven.append(f"{self.passphrase_id} opens the volume")
 
     def test_boot_key(self, copy: Path) -> None:
         """Open the copy with the escrowed boot key (test only)."""
         boot_key = self.vault.read_secret(self.boot_key_id, "recovery drill")
         verify_key(copy, boot_key)
+        self.proven.append(f"{self.boot_key_id} opens the volume")
 
     def recover_volume_key(self, copy: Path) -> bool:
         """Unlock the volume key with the passphrase; return it matches the escrow."""
         passphrase = self.vault.read_secret(self.passphrase_id, "recovery drill")
         self._volume_key = dump_volume_key(copy, passphrase)
         escrowed = self.vault.read_secret(self.volume_id, "recovery drill: compare")
+        self._key_source = "the volume key unlocked by the passphrase"
         return secrets.compare_digest(self._volume_key, escrowed)
 
     def decrypt_and_extract(self, copy: Path, name: str = "files") -> Path:
@@ -287,6 +297,10 @@ class RecoveryDrill:
         self.files_checked = compare_with_manifest(
             folder, read_manifest(self.vault, self.volume_id)
         )
+        self.proven.append(
+            f"{self.files_checked} files decrypted with {self._key_source} "
+            "match the manifest"
+        )
         return self.files_checked
 
     # Path 2: every keyslot lost, the escrowed volume key alone.
@@ -306,6 +320,7 @@ class RecoveryDrill:
         self._volume_key = read_escrowed_volume_key(
             self.vault, self.volume_id, "recovery drill: keyslots lost"
         )
+        self._key_source = f"the escrowed {self.volume_id} alone"
 
     def add_keyslot_from_escrow(self, copy: Path) -> None:
         """Give the copy a new keyslot from the escrowed volume key, and test it."""
@@ -318,6 +333,7 @@ class RecoveryDrill:
             copy, self._volume_key, fresh, kdf=KdfSettings.test()
         )
         verify_key(copy, fresh)
+        self.proven.append("a new keyslot made from the escrowed volume key opens")
 
     # End of the drill
 
@@ -325,15 +341,35 @@ class RecoveryDrill:
         """Return whether the live volume's size and mtime are as before the drill."""
         return _state_of(self.live) == self._live_state
 
-    def record_proof(self, report: str = "") -> str:
-        """Store the time of this successful recovery on the volume's key records."""
+    def record_proof(self, report: str = "", *, origin: str = "drill") -> str:
+        """Store the time and report of this recovery on the volume's key records.
+
+        Every record gets the same ``last_recovery_proof`` time and
+        ``last_recovery_report``, so that no record keeps pointing at an older
+        run. Without `report`, the drill identifies itself as
+        "<origin> <UTC time> by <actor>". The audit entries list what the
+        drill's steps proved.
+
+        Returns:
+            The proof time, in ISO 8601 UTC.
+
+        Raises:
+            IntegrityError: no step of this drill has proved anything yet.
+        """
+        if not self.proven:
+            raise IntegrityError(
+                f"the recovery drill on {self.volume_id} has proved nothing yet; run "
+                "its steps before recording the proof."
+            )
         when = utcnow().isoformat()
+        if not report:
+            report = f"{origin} {when} by {self.vault.actor.name}"
+        detail = f"{report}: proved {'; '.join(self.proven)}"
         for key_id in (self.volume_id, self.passphrase_id, self.boot_key_id):
             record = self.vault.get(key_id)
             record.attributes["last_recovery_proof"] = when
-            if report:
-                record.attributes["last_recovery_report"] = report
-            self.vault.update(record, operation="recovery-proof", detail=report)
+            record.attributes["last_recovery_report"] = report
+            self.vault.update(record, operation="recovery-proof", detail=detail)
         return when
 
     def cleanup(self) -> bool:
@@ -361,9 +397,12 @@ class DrillOutcome:
 
 
 def run_recovery_drill(
-    lab: Lab, vault: Vault, instance: str, *, report: str = ""
+    lab: Lab, vault: Vault, instance: str, *, report: str = "", origin: str = "drill"
 ) -> DrillOutcome:
     """Run both recovery paths on copies of `instance`'s volume, then clean up.
+
+    `report` and `origin` identify the run on the key records (see
+    `RecoveryDrill.record_proof`).
 
     Raises:
         IntegrityError: a step failed; the scratch folder is removed anyway.
@@ -396,7 +435,7 @@ def run_recovery_drill(
         drill.add_keyslot_from_escrow(second)
 
         unchanged = drill.live_unchanged()
-        proved = drill.record_proof(report) if unchanged else ""
+        proved = drill.record_proof(report, origin=origin) if unchanged else ""
         return DrillOutcome(
             instance, header.uuid, by_passphrase, by_escrow, unchanged, proved
         )
@@ -416,29 +455,51 @@ def recover_files(
 
     Works on a copy of the volume in user space, or, with `use_device_mapper`
     on a host that has it, maps the live volume read-only and mounts it.
+    `target` is created with mode 0700, and no recovered file or folder is
+    readable by group or others: the files are copied into a private staging
+    folder next to `target`, made private, and only then renamed to `target`.
 
     Returns:
         The number of files recovered.
+
+    Raises:
+        DestinationExistsError: `target` exists; nothing is written.
     """
     if target.exists():
         raise DestinationExistsError(target)
-    if use_device_mapper:
-        return _recover_with_device_mapper(lab, vault, instance, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp creates the staging folder 0700, so nothing copied into it is
+    # reachable by other users before make_private has run.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        files = staging / "files"
+        if use_device_mapper:
+            _recover_with_device_mapper(lab, vault, instance, files)
+        else:
+            _recover_in_user_space(lab, vault, instance, files)
+        make_private(files)
+        if target.exists():
+            raise DestinationExistsError(target)
+        files.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sum(1 for p in target.rglob("*") if p.is_file())
 
+
+def _recover_in_user_space(lab: Lab, vault: Vault, instance: str, target: Path) -> None:
     drill = RecoveryDrill.start(lab, vault, instance)
     try:
         copy = drill.copy_volume()
         drill.use_escrowed_volume_key()
         folder = drill.decrypt_and_extract(copy)
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("lost+found"))
-        return sum(1 for p in target.rglob("*") if p.is_file())
     finally:
         drill.cleanup()
 
 
 def _recover_with_device_mapper(
     lab: Lab, vault: Vault, instance: str, target: Path
-) -> int:
+) -> None:
     volume = current_key(vault, instance, KeyKind.LUKS_VOLUME)
     device = volume_path(lab, volume)
     volume_key = read_escrowed_volume_key(vault, volume.id, "recovery with dm-crypt")
@@ -461,4 +522,3 @@ def _recover_with_device_mapper(
     finally:
         run_tool("cryptsetup", ["close", name], device=device)
         mountpoint.rmdir()
-    return sum(1 for p in target.rglob("*") if p.is_file())

@@ -5,7 +5,7 @@ When a custodian leaves, or the threshold changes, the vault gets a new
 under it (new composite key, new KDF salt) in one save, so every share of the
 old split stops working. The record ``tre/vault-master`` takes the new
 fingerprint, and the old master stays in the vault as a destroyed tombstone
-so that the audit trail still sees it.
+so that the audit trail can still name it.
 
 The new shares are first written to a staging folder beside the share files,
 then renamed into place one by one after the vault has been re-keyed. If the
@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trekeys.custody import (
     Custodian,
@@ -34,14 +35,14 @@ from trekeys.custody import (
 from trekeys.errors import CredentialError, PolicyError
 from trekeys.lab import VAULT_MASTER_ID, Lab
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
-from trekeys.vault import KdfSettings, Vault, VaultCredentials
+from trekeys.vault import KdfSettings, Vault, VaultCredentials, list_generations
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ResplitResult:
-    """What a re-split changed: the old and new split and the new share files."""
+    """The changes of a re-split: the old and new split ids and the share files."""
 
     old_split: str
     new_split: str
@@ -141,7 +142,7 @@ def resplit_lab_custody(
         custodians,
         threshold,
         lab.custodians_dir,
-        keyfile=lab.keyfile_path if lab.keyfile_path.is_file() else None,
+        keyfile=_keyfile(lab),
         reason=reason,
         compromised=compromised,
     )
@@ -239,7 +240,7 @@ def _record_new_master(
         "previous_split": old_split,
         "rekeyed": now.isoformat(),
     }
-    vault.update(current, operation="resplit-custody", detail=reason)
+    vault.update(current, operation="resplit-custody", detail=reason, keep_history=True)
     return tombstone_id
 
 
@@ -286,3 +287,55 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass
+class ResplitProof:
+    """The evidence of a re-split drill: what changed and what was shown to fail."""
+
+    result: ResplitResult
+    old_shares_rejected: bool
+    generations_reject_old_shares: bool
+    new_shares_open: bool
+    share_checks: list[dict[str, Any]]
+
+
+def resplit_and_prove(lab: Lab, vault: Vault, *, reason: str) -> ResplitProof:
+    """Re-split the lab's custody among the same custodians and prove the effect.
+
+    The old shares are read into memory only, never copied to disk, and are
+    used to try the live vault and every generation read-only: each attempt
+    must fail with a credential error. The new share files must open the vault
+    and each must be valid on its own.
+    """
+    old_files = lab.share_files()[: lab.threshold]
+    old_master = combine_shares(read_share_file(p) for p in old_files)
+    old_credentials = VaultCredentials(old_master, _keyfile(lab))
+
+    result = resplit_lab_custody(lab, vault, reason=reason)
+
+    files = [lab.vault_path, *list_generations(lab.vault_path)]
+    rejected = [_rejects(path, old_credentials) for path in files]
+    with Vault.open(lab.vault_path, lab.credentials(), read_only=True) as reopened:
+        new_open = (
+            reopened.get(VAULT_MASTER_ID).attributes.get("split") == result.new_split
+        )
+    return ResplitProof(
+        result=result,
+        old_shares_rejected=rejected[0],
+        generations_reject_old_shares=all(rejected[1:]),
+        new_shares_open=new_open,
+        share_checks=lab.check_each_share(vault),
+    )
+
+
+def _keyfile(lab: Lab) -> Path | None:
+    return lab.keyfile_path if lab.keyfile_path.is_file() else None
+
+
+def _rejects(path: Path, credentials: VaultCredentials) -> bool:
+    try:
+        Vault.open(path, credentials, read_only=True).close()
+    except CredentialError:
+        return True
+    return False

@@ -125,12 +125,17 @@ def credentials_for(
     the environment variable named by `shares_env` (paths separated by ':'),
     from a prompt that does not echo when `interactive`, or from the lab's own
     custodian folder. Paths are not secrets, so they may be parameters.
+    Relative paths in `share_files` are taken from the lab folder, because a
+    runbook runs in its report folder; relative paths in the environment
+    variable are taken from the current folder, as a shell user expects.
     """
-    paths = [Path(p) for p in (share_files or [])]
+    paths = [
+        p if p.is_absolute() else lab.root / p for p in map(Path, share_files or [])
+    ]
     if not paths and os.environ.get(shares_env):
-        paths = [Path(p) for p in os.environ[shares_env].split(":") if p]
+        paths = [Path(p).resolve() for p in os.environ[shares_env].split(":") if p]
     if paths:
-        return lab.credentials([p if p.is_absolute() else lab.root / p for p in paths])
+        return lab.credentials(paths)
     if interactive:
         master = combine_shares(prompt_shares(lab.threshold))
         return VaultCredentials(master, lab.keyfile_path)
@@ -154,7 +159,7 @@ def open_vault(
         name=os.environ.get("TREKEYS_ACTOR")
         or f"{getpass.getuser()}@{socket.gethostname()}",
     )
-    return Vault.open(lab.vault_path, credentials, actor=actor)
+    return lab.open_vault_with(credentials, actor=actor)
 
 
 def read_secret_input(

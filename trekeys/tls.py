@@ -40,7 +40,11 @@ from trekeys.tls_ca import (
     issue_certificate,
     publish_ca_certificate,
 )
-from trekeys.tls_chart import expiry_timeline_png
+from trekeys.tls_chart import (
+    expiry_timeline_alt,
+    expiry_timeline_html,
+    expiry_timeline_png,
+)
 from trekeys.tls_deploy import (
     DeployTarget,
     chain_pem,
@@ -88,6 +92,8 @@ __all__ = [
     "default_publish_dir",
     "deploy_certificate",
     "deployment_targets",
+    "expiry_timeline_alt",
+    "expiry_timeline_html",
     "expiry_timeline_png",
     "find_active_ca",
     "find_service_key",

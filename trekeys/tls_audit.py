@@ -7,11 +7,13 @@ issuer, expiry and days left. It also reports whether the vault records it as
 a key's current certificate, whether it was revoked or superseded, and whether
 it verifies for its service name against the TRE's trusted roots.
 
-A certificate that is expired, revoked or superseded, or whose key file does
-not match it, is a failure while it is still deployed or served. One that
-expires within the warning period, is unknown to the vault, does not verify,
-or an endpoint that cannot be reached, is a warning. Failures and warnings
-are reported per certificate and per endpoint, and the audit always goes on.
+A deployed or served certificate fails the audit when it is expired, revoked
+or superseded, or when its key file does not match it. It also fails when it
+does not verify for its service name, or when it sits where the vault records
+another key's certificate. A certificate that expires within the warning
+period or is unknown to the vault but verifies, or an endpoint that cannot be
+reached, is a warning. Failures and warnings are reported per certificate and
+per endpoint, and the audit always goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,11 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from trekeys.errors import CertificateError, EndpointError
+from trekeys.errors import (
+    CertificateError,
+    CertificateKeyMismatchError,
+    EndpointError,
+)
 from trekeys.lab import Lab
 from trekeys.records import KeyKind, KeyState
 from trekeys.tls_ca import (
@@ -144,7 +150,7 @@ class TlsAuditReport:
 
     @property
     def failures(self) -> list[CertificateFinding]:
-        """Findings that must be fixed now: expired, revoked, wrong key."""
+        """Findings that must be fixed now: expired, revoked, wrong key, unverified."""
         return [f for f in self.findings if f.failures]
 
     @property
@@ -240,29 +246,32 @@ class _Auditor:
         """Audit the certificate files in `folders` and the recorded deployments,
         all of them or only those inside `folders`."""
         roots = [folder.resolve() for folder in folders]
-        key_files: dict[Path, Path] = {}
-        expected: dict[Path, str] = {}
+        deployments: dict[Path, _Deployment] = {}
         for record in self.vault.find(kind=KeyKind.TLS_CERT.value):
             for target in deployment_targets(self.vault, record):
                 inside = any(target.chain_path.is_relative_to(r) for r in roots)
                 if not (every_deployment or inside):
                     continue
-                key_files[target.chain_path] = target.key_path
-                expected[target.chain_path] = record.id
+                deployments[target.chain_path] = _Deployment(
+                    record.id, service_of(record), target.key_path
+                )
         found = {p.resolve() for folder in folders for p in _pem_files(folder)}
 
         findings = []
-        for path in sorted(found | set(key_files)):
+        for path in sorted(found | set(deployments)):
             if not path.exists():
-                missing = self._missing(path, expected[path])
+                missing = self._missing(path, deployments[path].key_id)
                 if missing is not None:
                     findings.append(missing)
                 continue
-            findings.append(self.audit_file(path, key_files.get(path)))
+            findings.append(self.audit_file(path, deployments.get(path)))
         return findings
 
-    def audit_file(self, path: Path, key_path: Path | None) -> CertificateFinding:
-        """Audit one chain file and, when known, the key file beside it."""
+    def audit_file(
+        self, path: Path, deployment: _Deployment | None = None
+    ) -> CertificateFinding:
+        """Audit one chain file and, for a recorded deployment, the key file
+        beside it and whether the file still contains that key's certificate."""
         finding = CertificateFinding(str(path), "file")
         try:
             chain = load_certificates(path.read_bytes(), source=str(path))
@@ -270,9 +279,19 @@ class _Auditor:
             finding.error = str(exc)
             finding.warnings.append("unreadable certificate file")
             return finding
-        self._describe(finding, chain)
-        if key_path is not None and not finding.is_ca:
-            self._check_key_file(finding, chain[0], key_path)
+        if deployment is None:
+            self._describe(finding, chain)
+            return finding
+
+        # A recorded deployment is checked as a service certificate even when
+        # the file now contains a CA certificate: `openssl req -x509` marks its
+        # self-signed output CA:TRUE, and such a swap must not skip the checks.
+        self._describe(
+            finding, chain, service=deployment.service, service_certificate=True
+        )
+        if finding.vault_key != deployment.key_id:
+            finding.failures.append(f"not a certificate of {deployment.key_id}")
+        self._check_key_file(finding, chain[0], deployment.key_path)
         return finding
 
     def audit_endpoint(self, endpoint: Endpoint, timeout: float) -> CertificateFinding:
@@ -293,7 +312,7 @@ class _Auditor:
         finding.hostname_verified = verified
         finding.verification_detail = detail
         if not verified:
-            finding.warnings.append(f"handshake does not verify: {detail}")
+            finding.failures.append(f"handshake does not verify: {detail}")
         return finding
 
     def _describe(
@@ -303,10 +322,12 @@ class _Auditor:
         *,
         service: str = "",
         offline_check: bool = True,
+        service_certificate: bool = False,
     ) -> None:
         """Fill in the certificate's fields and check it. `offline_check` selects
         the offline chain and host name check, which endpoints replace by a real
-        handshake."""
+        handshake. That check skips CA certificates unless `service_certificate`
+        marks the file as deployed for a service."""
         leaf = chain[0]
         finding.subject = leaf.subject.rfc4514_string()
         finding.issuer = leaf.issuer.rfc4514_string()
@@ -319,7 +340,7 @@ class _Auditor:
         self._check_validity(finding, leaf)
         self._check_vault(finding, leaf)
         finding.service = service or finding.service or next(iter(finding.sans), "")
-        if offline_check and not finding.is_ca:
+        if offline_check and (service_certificate or not finding.is_ca):
             self._check_hostname(finding, chain)
 
     def _check_validity(
@@ -327,11 +348,11 @@ class _Auditor:
     ) -> None:
         starts, ends = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         if ends <= self.now:
-            finding.failures.append(f"expired {(self.now - ends).days} days ago")
+            finding.failures.append(f"expired {_days(self.now - ends)} ago")
         elif self.now < starts:
             finding.warnings.append("not yet valid")
         elif (ends - self.now).days <= self.warning_days:
-            finding.warnings.append(f"expires in {(ends - self.now).days} days")
+            finding.warnings.append(f"expires in {_days(ends - self.now)}")
 
     def _check_vault(self, finding: CertificateFinding, leaf: x509.Certificate) -> None:
         owner = find_certificate_owner(self.vault, fingerprint(leaf))
@@ -362,6 +383,7 @@ class _Auditor:
         if not finding.service:
             finding.hostname_verified = False
             finding.verification_detail = "no service name to verify"
+            finding.failures.append("no service name to verify")
             return
         try:
             verifier = (
@@ -374,7 +396,7 @@ class _Auditor:
         except (VerificationError, ValueError) as exc:
             finding.hostname_verified = False
             finding.verification_detail = str(exc)
-            finding.warnings.append(f"does not verify for {finding.service}")
+            finding.failures.append(f"does not verify for {finding.service}")
             return
         finding.hostname_verified = True
         finding.verification_detail = "verified against the TRE roots"
@@ -385,9 +407,15 @@ class _Auditor:
         try:
             key = load_private_key(key_path.read_bytes(), source=str(key_path))
             check_key_matches(leaf, key, source=str(key_path))
+        except CertificateKeyMismatchError:
+            finding.key_matches = False
+            finding.failures.append(
+                f"key file {key_path.name} does not match the certificate"
+            )
+            return
         except (CertificateError, OSError) as exc:
             finding.key_matches = False
-            finding.failures.append(f"key file {key_path.name} does not match: {exc}")
+            finding.failures.append(f"key file {key_path.name} is unusable: {exc}")
             return
         finding.key_matches = True
 
@@ -416,6 +444,20 @@ class _Auditor:
         finding.error = f"{path} is recorded as deployed but missing"
         finding.warnings.append("deployed file missing")
         return finding
+
+
+@dataclass(frozen=True)
+class _Deployment:
+    """A recorded deployment: the key, the service it serves and its key file."""
+
+    key_id: str
+    service: str
+    key_path: Path
+
+
+def _days(span: timedelta) -> str:
+    days = span.days
+    return f"{days} day" if days == 1 else f"{days} days"
 
 
 def _pem_files(folder: Path) -> list[Path]:

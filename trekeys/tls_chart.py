@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from datetime import timedelta
 
@@ -58,6 +60,31 @@ def expiry_timeline_png(report: TlsAuditReport, *, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def expiry_timeline_alt(report: TlsAuditReport) -> str:
+    """Describe the timeline in one sentence, as alternative text for the image."""
+    findings = [f for f in report.findings if f.not_after]
+    if not findings:
+        return "Certificate expiry timeline: no certificate could be read."
+    soonest = min(findings, key=lambda f: f.not_after or report.checked_at)
+    failing = sum(1 for f in findings if f.verdict == "FAIL")
+    warned = sum(1 for f in findings if f.verdict == "WARN")
+    return (
+        f"Certificate expiry timeline of {len(findings)} certificates, {failing} "
+        f"failing and {warned} with warnings; the first to expire is "
+        f"{_label(soonest)} on {soonest.not_after:%Y-%m-%d}."
+    )
+
+
+def expiry_timeline_html(png: bytes, alt: str) -> str:
+    """Return an HTML ``img`` element that embeds `png` with alternative text.
+
+    The notebook shows the chart as HTML because nbconvert's default (lab)
+    HTML template drops the ``alt`` metadata of a PNG output and warns.
+    """
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
 
 
 def _label(finding: CertificateFinding) -> str:

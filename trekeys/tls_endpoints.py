@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from trekeys.errors import EndpointError, PolicyError
+from trekeys.errors import CertificateError, EndpointError, PolicyError
 from trekeys.records import KeyKind, KeyState
 from trekeys.tls_deploy import deployment_targets
 from trekeys.tls_records import service_of
@@ -207,6 +207,8 @@ def serve_tls(
 
     Raises:
         PolicyError: `host` is not a loopback address.
+        CertificateError: the chain or key file cannot be read, or the key
+            does not match the certificate.
     """
     if not ipaddress.ip_address(host).is_loopback:
         raise PolicyError(
@@ -215,7 +217,24 @@ def serve_tls(
         )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(chain_path), str(key_path))
+    try:
+        context.load_cert_chain(str(chain_path), str(key_path))
+    except ssl.SSLError as exc:
+        # OpenSSL reports a swapped certificate as KEY_VALUES_MISMATCH.
+        problem = (
+            f"{key_path.name} does not match it"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else f"OpenSSL reports {exc.reason}"
+        )
+        raise CertificateError(
+            f"cannot serve {chain_path}: {problem}; redeploy the service with "
+            "trekeys tls deploy."
+        ) from exc
+    except OSError as exc:
+        raise CertificateError(
+            f"cannot serve {chain_path} with {key_path.name}: {exc.strerror}; "
+            "redeploy the service with trekeys tls deploy."
+        ) from exc
 
     listener = socket.create_server((host, port))
     listener.settimeout(0.2)
@@ -262,8 +281,12 @@ def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
     A demo TRE has no running web servers, so the audit drill starts one
     loopback server per deployment and audits it as a live endpoint.
 
+    A deployment whose key file does not match its chain file is left out
+    and logged, because no server can start with it; the file audit reports
+    that mismatch as a failure.
+
     Yields:
-        One endpoint per deployment whose files exist, named by its service.
+        One endpoint per deployment that could be served, named by its service.
     """
     with contextlib.ExitStack() as stack:
         endpoints = []
@@ -272,8 +295,12 @@ def serve_deployments(vault: Vault) -> Iterator[list[Endpoint]]:
             for target in deployment_targets(vault, record):
                 if not (target.chain_path.exists() and target.key_path.exists()):
                     continue
-                served = stack.enter_context(
-                    serve_tls(target.chain_path, target.key_path)
-                )
+                try:
+                    served = stack.enter_context(
+                        serve_tls(target.chain_path, target.key_path)
+                    )
+                except CertificateError as exc:
+                    logger.warning("not serving %s: %s", record.id, exc)
+                    continue
                 endpoints.append(Endpoint(served.host, served.port, service_of(record)))
         yield endpoints

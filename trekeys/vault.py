@@ -1,11 +1,11 @@
 """The key vault: one KeePass (KDBX4) database that holds every key of the TRE.
 
 Each key is one KeePass entry in a group per kind and owner. The entry's
-password field holds the key material, its title is the key id, and the
-custom property ``trekeys.record`` holds the key record as JSON, so KeePassXC
-shows every key with its metadata. trekeys keeps its own index from key id to
-entry, built once per open, because pykeepass finds entries by scanning the
-whole XML tree.
+password field holds the key material, its title is the key id unless the
+caller names another, and the custom property ``trekeys.record`` holds the key
+record as JSON, so KeePassXC shows every key with its metadata. trekeys keeps
+its own index from the ``trekeys.id`` property to the entry, built once per
+open, because pykeepass finds entries by scanning the whole XML tree.
 
 Writers hold an exclusive lock for the whole session, from open to save, so
 two processes cannot interleave or lose an update. A save writes a new file,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import io
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from pykeepass.kdbx_parsing.kdbx4 import kdf_uuids
 
 from trekeys.audit import Actor, AuditLog, make_entry
 from trekeys.errors import (
+    AuditError,
     CredentialError,
     RecordError,
     RecordNotFoundError,
@@ -80,7 +82,7 @@ class KdfSettings:
 
     @classmethod
     def production(cls) -> KdfSettings:
-        """Strong defaults: 256 MiB and 4 passes, about a second on a 2-core host."""
+        """Strong defaults: 256 MiB and 4 passes; `tune` fits them to a machine."""
         return cls(time_cost=4, memory_kib=256 * 1024, parallelism=2)
 
     @classmethod
@@ -223,6 +225,7 @@ class Vault:
         self._groups: dict[tuple[str, ...], Group] = {}
         self._pending_audit: list[tuple[str, str, str, str]] = []
         self._dirty = False
+        self._purge_generations = False
         self._meta_entry: Entry | None = None
         self._build_index()
 
@@ -278,7 +281,7 @@ class Vault:
                 **(meta or {}),
             }
         )
-        vault._kp.save(str(tmp))
+        _save_private(keepass, tmp, transformed_key=None)
         keepass.read(str(tmp), password=credentials.password, keyfile=keyfile)
         vault._reindex()
         os.replace(tmp, path)
@@ -415,7 +418,7 @@ class Vault:
             raw = self._raw_records.pop(key_id, None)
             if raw is None:
                 raw = self._entries[key_id].get_custom_property(RECORD_PROPERTY)
-            self._records[key_id] = KeyRecord.from_dict(json.loads(raw or "{}"))
+            self._records[key_id] = _parse_record(key_id, raw or "{}")
         return self._records[key_id]
 
     def __contains__(self, key_id: object) -> bool:
@@ -465,11 +468,22 @@ class Vault:
         return self.get(matches[0])
 
     def update(
-        self, record: KeyRecord, *, operation: str = "update", detail: str = ""
+        self,
+        record: KeyRecord,
+        *,
+        operation: str = "update",
+        detail: str = "",
+        keep_history: bool = False,
     ) -> None:
-        """Store a changed record and log the change."""
+        """Store a changed record and log the change.
+
+        With `keep_history`, the entry as it was is first copied into its
+        KeePass history, where KeePassXC shows it.
+        """
         self._require_writable()
         self.get(record.id)
+        if keep_history:
+            self._entries[record.id].save_history()
         self._store_record(record)
         self.record_operation(operation, record.id, "success", detail)
 
@@ -511,6 +525,11 @@ class Vault:
         entry.set_custom_property(ENCODING_PROPERTY, "destroyed")
         for attachment in list(entry.attachments):
             self._kp.delete_binary(attachment.id)
+        if entry.history:
+            entry.delete_history(all=True)
+        # Earlier generations still hold the material, so the next save drops
+        # them; otherwise restoring a generation would bring the key back.
+        self._purge_generations = True
         self._store_record(record)
         self.record_operation("destroy", key_id, "success", reason)
         logger.info("destroyed key %s; its record is kept as a tombstone", key_id)
@@ -642,15 +661,22 @@ class Vault:
             )
 
         old_generations = list_generations(self.path)
+        old_password, old_keyfile = self._kp.password, self._kp.keyfile
         self._kp.password = credentials.password
         self._kp.keyfile = str(credentials.keyfile) if credentials.keyfile else None
         if kdf is not None:
             _apply_kdf(self._kp, kdf)
             self._write_meta({**self.meta, "kdf": kdf.describe()})
         self.record_operation("rekey-vault", "vault", "success", detail)
-        self._flush_audit()
-        # No transformed key: pykeepass then derives a new one under a new salt.
-        self._write_atomically(rotate_salt=True)
+        try:
+            self._flush_audit()
+            # No transformed key: pykeepass then derives a new one under a new salt.
+            self._write_atomically(rotate_salt=True)
+        except BaseException:
+            # The file on disk still has the old key; the session must match it
+            # so that discarding the changes can re-read the file.
+            self._kp.password, self._kp.keyfile = old_password, old_keyfile
+            raise
         self._dirty = False
 
         self._kp.read(
@@ -812,6 +838,11 @@ class Vault:
             return
         log = self.audit_log
         sequence, previous = log.tail()
+        unsaved = self._check_log_reaches_head(log, previous)
+        if unsaved:
+            self._pending_audit.insert(
+                0, ("unsaved-entries", "vault", "warning", unsaved)
+            )
         entries = []
         for operation, key_id, outcome, detail in self._pending_audit:
             sequence += 1
@@ -823,6 +854,33 @@ class Vault:
         log.append(entries)
         self._pending_audit.clear()
         self._write_meta({**self.meta, "audit_head": previous})
+
+    def _check_log_reaches_head(self, log: AuditLog, tail: str) -> str:
+        """Return a note on entries logged after the vault's head, or raise.
+
+        Appending to a log that no longer contains the head stored in the
+        vault would re-anchor a deleted or truncated log and hide the gap.
+        Entries after the head come from a session whose vault save did not
+        finish; they are kept, and the returned note says so in the log.
+        """
+        head = self.meta.get("audit_head")
+        if not head or head == tail:
+            return ""
+        entries = log.entries()
+        for entry in entries:
+            if entry.get("hash") == head:
+                first, last = int(entry["seq"]) + 1, int(entries[-1]["seq"])
+                return (
+                    f"entries {first} to {last} were logged but the vault save that "
+                    "followed did not finish; the changes they describe may not "
+                    "have happened"
+                )
+        raise AuditError(
+            f"audit log {log.path} does not contain the last entry recorded in "
+            f"vault {self.path}: it was deleted, truncated or replaced. Restore it "
+            "from a backup and run 'trekeys audit verify' before changing keys.",
+            line=None,
+        )
 
     def _keep_audit_only(self) -> None:
         if self.read_only or not self._pending_audit or self._lock_fd is None:
@@ -842,17 +900,26 @@ class Vault:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         transformed_key = None if rotate_salt else self._kp.transformed_key
         try:
-            self._kp.save(str(tmp), transformed_key=transformed_key)
-            os.chmod(tmp, 0o600)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            if self.path.exists():
+            _save_private(self._kp, tmp, transformed_key=transformed_key)
+            if self._purge_generations:
+                self._drop_generations()
+            elif self.path.exists():
                 self._keep_generation()
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
         finally:
             tmp.unlink(missing_ok=True)
+        self._purge_generations = False
         logger.debug("saved vault %s", self.path)
+
+    def _drop_generations(self) -> None:
+        for generation in list_generations(self.path):
+            generation.unlink()
+        logger.info(
+            "removed the earlier generations of vault %s because they hold "
+            "destroyed key material",
+            self.path,
+        )
 
     def _keep_generation(self) -> None:
         folder = generations_dir(self.path)
@@ -871,9 +938,44 @@ class Vault:
             )
 
 
+def _save_private(
+    keepass: PyKeePass, target: Path, *, transformed_key: bytes | None
+) -> None:
+    """Write the database to a new 0600 file and fsync it.
+
+    pykeepass writes files through its own temporary file with the process
+    umask, so trekeys serialises to memory and writes the file itself.
+    """
+    buffer = io.BytesIO()
+    keepass.save(buffer, transformed_key=transformed_key)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(buffer.getbuffer())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def audit_log_path(vault_path: Path) -> Path:
     """Return where the audit log of the vault at `vault_path` lives."""
     return vault_path.with_name(f"{vault_path.stem}-audit.jsonl")
+
+
+def _parse_record(key_id: str, raw: str) -> KeyRecord:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"the record of key {key_id} is not valid JSON (property "
+            f"{RECORD_PROPERTY}); it was edited outside trekeys, restore it from a "
+            "generation with 'trekeys vault restore'."
+        ) from exc
+    if not isinstance(data, dict) or data.get("id") != key_id:
+        raise RecordError(
+            f"the record of key {key_id} does not describe that key; it was edited "
+            "outside trekeys, restore it from a generation with 'trekeys vault "
+            "restore'."
+        )
+    return KeyRecord.from_dict(data)
 
 
 def _entry_strings(element: Any) -> dict[str, str]:

@@ -110,10 +110,9 @@ class XtsDecryptor:
         self._tweaks = np.empty((rows, _GROUP, 2), dtype=np.uint64)
         self._masked = np.empty_like(self._tweaks)
         self._overflow, self._reduction, self._term = (
-            np.empty((_GROUP, rows), dtype=np.uint64) for _ in range(3)
+            np.empty((rows, _GROUP), dtype=np.uint64) for _ in range(3)
         )
-        self._block_major = np.empty((_GROUP, rows, 2), dtype=np.uint64)
-        shifts = np.arange(_GROUP, dtype=np.uint64)[:, None]
+        shifts = np.arange(_GROUP, dtype=np.uint64)
         self._shifts = shifts
         self._back = np.uint64(63) - shifts
         self._plain = bytearray(self.chunk_sectors * sector_size + BLOCK)
@@ -218,35 +217,34 @@ class XtsDecryptor:
     def _expand(self, base_lo: np.ndarray, base_hi: np.ndarray) -> None:
         """Multiply each group's first tweak by alpha**r, r = 0..31, in one pass.
 
-        The work runs block-major, shape (32, groups), so that every numpy call
-        is a long contiguous loop with one shift per row. One transposing copy
-        then puts the tweaks in data order. Shifting right by (64 - r) is done
-        as (x >> 1) >> (63 - r) because a shift by 64 is undefined.
+        Each numpy call broadcasts the groups' first tweaks, shape (groups, 1),
+        against the 32 shifts and writes straight into the tweak buffer in data
+        order. This avoids the transposing copy that a block-major fill needs,
+        which cost more CPU time than the AES calls (numpy 2.4, x86-64).
+        Shifting right by (64 - r) is done as (x >> 1) >> (63 - r) because a
+        shift by 64 is undefined.
         """
         rows = len(base_lo)
-        overflow = self._overflow[:, :rows]
-        reduction = self._reduction[:, :rows]
-        term = self._term[:, :rows]
-        block_major = self._block_major[:, :rows]
+        overflow = self._overflow[:rows]
+        reduction = self._reduction[:rows]
+        term = self._term[:rows]
+        tweaks = self._tweaks[:rows]
         shifts, back = self._shifts, self._back
 
         # The reduction of the bits shifted out of the top: clmul(overflow, 0x87).
-        np.right_shift((base_hi >> _1)[None, :], back, out=overflow)
+        np.right_shift((base_hi >> _1)[:, None], back, out=overflow)
         np.left_shift(overflow, _1, out=reduction)
-        reduction ^= overflow
+        np.bitwise_xor(reduction, overflow, out=reduction)
         np.left_shift(overflow, _2, out=term)
-        reduction ^= term
+        np.bitwise_xor(reduction, term, out=reduction)
         np.left_shift(overflow, _7, out=term)
-        reduction ^= term
+        np.bitwise_xor(reduction, term, out=reduction)
 
-        np.left_shift(base_lo[None, :], shifts, out=term)
-        np.bitwise_xor(term, reduction, out=block_major[..., 0])
-        np.right_shift((base_lo >> _1)[None, :], back, out=overflow)
-        np.left_shift(base_hi[None, :], shifts, out=term)
-        np.bitwise_or(term, overflow, out=block_major[..., 1])
-
-        wide = self._tweaks[:rows].view(np.complex128).reshape(rows, _GROUP)
-        np.copyto(wide, block_major.view(np.complex128).reshape(_GROUP, rows).T)
+        np.left_shift(base_lo[:, None], shifts, out=term)
+        np.bitwise_xor(term, reduction, out=tweaks[..., 0])
+        np.right_shift((base_lo >> _1)[:, None], back, out=overflow)
+        np.left_shift(base_hi[:, None], shifts, out=term)
+        np.bitwise_or(term, overflow, out=tweaks[..., 1])
 
 
 def _check_parameters(volume_key: bytes, sector_size: int, iv_scheme: str) -> None:

@@ -33,7 +33,7 @@ share_option = click.option(
 def open_lab_vault(lab_dir: Path, share_files: tuple[Path, ...]) -> tuple[Lab, Vault]:
     """Load the lab and open its vault with the given shares."""
     lab = Lab.load(lab_dir)
-    return lab, Vault.open(lab.vault_path, lab_credentials(lab, share_files))
+    return lab, lab.open_vault_with(lab_credentials(lab, share_files))
 
 
 def lab_credentials(lab: Lab, share_files: tuple[Path, ...]) -> VaultCredentials:
@@ -47,4 +47,4 @@ def lab_credentials(lab: Lab, share_files: tuple[Path, ...]) -> VaultCredentials
             for number in range(1, lab.threshold + 1)
         ]
         return VaultCredentials(combine_shares(words), lab.keyfile_path)
-    return credentials_for(lab, share_files=[str(p) for p in share_files])
+    return credentials_for(lab, share_files=[str(p.resolve()) for p in share_files])

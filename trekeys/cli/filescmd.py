@@ -72,7 +72,7 @@ def encrypt(lab_dir, share_files, user, source, output, passphrase_file, overwri
 
 
 @files_group.command("decrypt")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
 @passphrase_file_option
 @overwrite_option
@@ -89,7 +89,7 @@ def decrypt(source, dest, passphrase_file, overwrite) -> None:
 @files_group.command("recover")
 @lab_option
 @share_option
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--reason", required=True, help="Why the file is recovered (audited).")
 @click.option("--key-id", help="The escrow key; found from the message by default.")

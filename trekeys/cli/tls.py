@@ -269,15 +269,18 @@ def audit(
         for row in rows:
             problems = f"  [{row['problems']}]" if row["problems"] else ""
             service = row["service"] or "-"
+            # An endpoint that could not be reached has no expiry to count.
+            days = "-" if row["days left"] == "" else f"{row['days left']}d"
             click.echo(
-                f"{row['verdict']:4} {row['days left']!s:>5}d {service:28} "
-                f"{row['source']}{problems}"
+                f"{row['verdict']:4} {days:>6} {service:28} {row['source']}{problems}"
             )
     if chart is not None:
         chart.write_bytes(tls.expiry_timeline_png(report))
     failed = len(report.failures)
+    warned = len(report.warnings)
     click.echo(
-        f"{len(rows)} certificates, {failed} failing, {len(report.warnings)} warnings",
+        f"{len(rows)} certificates, {failed} failing, {warned} "
+        f"warning{'' if warned == 1 else 's'}",
         err=True,
     )
     raise SystemExit(1 if failed else 0)

@@ -82,7 +82,7 @@ def generations(lab_dir) -> None:
 def restore(lab_dir, share_files, generation) -> None:
     """Make GENERATION (a name or number from 'vault generations') the live vault.
 
-    The live file is kept as a generation first, so nothing is lost.
+    The live file is kept as a generation first, so the restore can be undone.
     """
     lab = Lab.load(lab_dir)
     credentials = lab_credentials(lab, share_files)
@@ -150,7 +150,15 @@ def check(lab_dir, share_files) -> None:
 @click.option(
     "--reason", required=True, help="Why custody changes (kept in the audit log)."
 )
-def resplit(lab_dir, share_files, custodian_specs, threshold, reason) -> None:
+@click.option(
+    "--compromised",
+    is_flag=True,
+    help="The old master secret was disclosed: its tombstone is marked "
+    "destroyed-compromised instead of destroyed.",
+)
+def resplit(
+    lab_dir, share_files, custodian_specs, threshold, reason, compromised
+) -> None:
     """Re-key the vault under a new master secret and write new share files.
 
     Every share of the old split stops opening the vault.
@@ -159,7 +167,12 @@ def resplit(lab_dir, share_files, custodian_specs, threshold, reason) -> None:
     custodians = [_parse_custodian(spec) for spec in custodian_specs] or None
     with opened:
         result = resplit_lab_custody(
-            lab, opened, custodians=custodians, threshold=threshold, reason=reason
+            lab,
+            opened,
+            custodians=custodians,
+            threshold=threshold,
+            reason=reason,
+            compromised=compromised,
         )
     click.echo(
         f"split {result.old_split} replaced by {result.new_split}, "

@@ -115,12 +115,19 @@ def check_header(lab_dir, share_files, instance) -> None:
 @lab_option
 @share_option
 @click.argument("instance")
-@click.option("--report", default="", help="Report name to record with the proof.")
+@click.option(
+    "--report",
+    default="",
+    help="Report name to record with the proof [default: 'cli drill <UTC time> "
+    "by <actor>'].",
+)
 def drill(lab_dir, share_files, instance, report) -> None:
     """Prove INSTANCE's volume recovers: header restore, passphrase, escrowed key."""
     lab, vault = open_lab_vault(lab_dir, share_files)
     with vault:
-        outcome = run_recovery_drill(lab, vault, instance, report=report)
+        outcome = run_recovery_drill(
+            lab, vault, instance, report=report, origin="cli drill"
+        )
     click.echo(
         f"recovered LUKS {outcome.uuid}: {outcome.files_from_passphrase} files "
         f"with the passphrase, {outcome.files_from_escrow} with the escrowed volume "
