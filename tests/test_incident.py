@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,7 +34,14 @@ from trekeys.incident import (
     build_plan,
     execute_plan,
     incident_records,
+    missing_rotators,
     respond,
+)
+from trekeys.incident_checks import verify_replacements
+from trekeys.incident_report import (
+    choose_drill_keys,
+    verify_custody,
+    verify_response,
 )
 from trekeys.lab import VAULT_MASTER_ID, Lab
 from trekeys.notify import (
@@ -535,8 +543,11 @@ def test_notifications_without_register_raise(tre):
 # Vault master rotation
 
 
-def test_vault_master_response_resplits_custody(bare_lab):
-    old_shares = [p.read_bytes() for p in bare_lab.share_files()]
+def test_vault_master_response_resplits_custody(bare_lab, tmp_path):
+    old_shares = tmp_path / "old-shares"
+    old_shares.mkdir()
+    for share in bare_lab.share_files():
+        shutil.copy2(share, old_shares / share.name)
     with bare_lab.open_vault() as vault:
         old_fingerprint = vault.get(VAULT_MASTER_ID).fingerprint
         old_split = vault.get(VAULT_MASTER_ID).attributes["split"]
@@ -544,22 +555,19 @@ def test_vault_master_response_resplits_custody(bare_lab):
     assert [s.key_id for s in plan.steps] == [VAULT_MASTER_ID]
     assert result.new_keys == {VAULT_MASTER_ID: [VAULT_MASTER_ID]}
 
-    retired = []
-    for number, content in enumerate(old_shares):
-        path = bare_lab.root / f"old-{number}.share"
-        path.write_bytes(content)
-        retired.append(path)
     with pytest.raises(CredentialError):
-        bare_lab.open_vault(retired[:2])
+        bare_lab.open_vault(sorted(old_shares.glob("*.share"))[:2])
 
     with bare_lab.open_vault() as vault:
         current = vault.get(VAULT_MASTER_ID)
         old = vault.get(f"{VAULT_MASTER_ID}/split-{old_split}")
-        share_rows = bare_lab.check_each_share(vault)
+        custody = verify_custody(bare_lab, vault)
     assert current.fingerprint != old_fingerprint
     assert current.state is KeyState.ACTIVE
     assert old.state is KeyState.DESTROYED_COMPROMISED
-    assert all(row["valid"] for row in share_rows)
+    assert old.fingerprint == old_fingerprint
+    for row in custody:
+        assert row["passed"], row
 
 
 def test_vault_master_rotation_keeps_keys_readable(tre):
@@ -616,14 +624,20 @@ def test_routine_rotation_lists_due_keys(tre):
         vault.update(record)
         due = find_due_keys(vault)
     assert [(row["id"], row["rotator"]) for row in due] == [
-        ("transfer/import", "missing")
+        ("transfer/import", "installed")
     ]
 
 
 def test_routine_rotation_without_rotator_changes_nothing(tre):
     before = hash_tree(tre.root)
     with tre.open_vault() as vault, pytest.raises(RotatorMissingError):
-        rotate_keys(tre, vault, ["transfer/import"], reason="due")
+        rotate_keys(
+            tre,
+            vault,
+            ["transfer/import"],
+            reason="due",
+            rotators={KeyKind.MAC: "trekeys.not_installed:rotate_key"},
+        )
     assert hash_tree(tre.root) == before
 
 
@@ -651,25 +665,34 @@ def test_rotation_runbook_rotates_given_key(full_lab, tmp_path):
         full_lab.root,
         tmp_path / "reports",
         names=["key-rotation"],
-        parameters={"rotate_keys": [VAULT_MASTER_ID]},
+        parameters={"rotate_keys": f"[{VAULT_MASTER_ID!r}]"},
     )
     assert run.drills[0].outcome == "passed", run.drills[0].error
     with full_lab.open_vault() as vault:
         assert vault.get(VAULT_MASTER_ID).fingerprint != old_fingerprint
         retired = [k for k in vault.ids() if k.startswith(f"{VAULT_MASTER_ID}/")]
-        assert [vault.get(k).state for k in retired] == [KeyState.DEACTIVATED]
+        assert [vault.get(k).state for k in retired] == [KeyState.DESTROYED]
 
 
 def test_compromise_runbook_dry_run_changes_nothing(full_lab, tmp_path):
-    before = hash_tree(full_lab.root)
+    # The drill runner itself writes to the vault (it signs the report), so
+    # the runbook hashes the lab around its own dry run and records a check.
+    with full_lab.open_vault() as vault:
+        keys_before = sorted(vault.ids())
     run = run_drills(
         full_lab.root,
         tmp_path / "reports",
         names=["compromise-response"],
-        parameters={"dry_run": True},
+        parameters={"dry_run": "true"},
     )
-    assert run.drills[0].outcome == "passed", run.drills[0].error
-    assert hash_tree(full_lab.root) == before
+    drill = run.drills[0]
+    assert drill.outcome == "passed", drill.error
+    checks = {c["name"]: c["passed"] for c in drill.checks}
+    assert checks["dry run changes no file"] is True
+    assert checks["dry run only"] is True
+    with full_lab.open_vault() as vault:
+        assert sorted(vault.ids()) == keys_before
+        assert incident_records(vault) == {}
 
 
 # Command line
@@ -694,29 +717,151 @@ def test_cli_impact_unknown_key_exits_1(tre):
 
 
 def test_cli_plan_missing_rotator_exits_1(tre):
+    missing = missing_rotators([KeyKind.GPG, KeyKind.SSH, KeyKind.SIGNING])
+    if not missing:
+        pytest.skip("every kind of the small TRE has a rotator installed")
+    kind = next(iter(missing))
+    key_id = {
+        KeyKind.GPG: "gpg/alpha",
+        KeyKind.SSH: "ssh/alice",
+        KeyKind.SIGNING: "reports/signing",
+    }[kind]
+    if key_id not in impact_of(tre, VAULT_MASTER_ID).key_ids:
+        with tre.open_vault() as vault:
+            add(vault, key_id, kind, protects=["account:alice@alpha"])
     before = hash_tree(tre.root)
     result = CliRunner().invoke(
-        main, ["incident", "plan", "--lab", str(tre.root), "tls/portal"]
+        main, ["incident", "plan", "--lab", str(tre.root), key_id]
     )
     assert result.exit_code == 1
-    assert "no rotator for tls-cert keys (tls/portal)" in result.output
+    assert f"no rotator for {kind.value} keys ({key_id})" in result.output
     assert hash_tree(tre.root) == before
 
 
 def test_cli_respond_dry_run_changes_nothing(full_lab):
+    with full_lab.open_vault() as vault:
+        leaked, _ = choose_drill_keys(vault)
     before = hash_tree(full_lab.root)
     result = CliRunner().invoke(
         main,
-        [
-            "incident",
-            "respond",
-            "--lab",
-            str(full_lab.root),
-            "--dry-run",
-            VAULT_MASTER_ID,
-        ],
+        ["incident", "respond", "--lab", str(full_lab.root), "--dry-run", *leaked],
     )
     assert result.exit_code == 0, result.output
-    assert "would run: 01-tre/vault-master" in result.output
+    assert f"would run: 01-{leaked[0]}" in result.output
     assert "Subject: Key compromise inc-" in result.output
     assert hash_tree(full_lab.root) == before
+
+
+# The demo TRE's own records
+
+
+def test_demo_impact_of_ca(full_lab):
+    impact = impact_of(full_lab, "tls/ca")
+    assert impact.key_ids == ["tls/ca"]
+    assert impact.data == []
+    assert {(s.ref, s.signer) for s in impact.signatures} == {
+        ("crl:tls/ca", "tls/ca"),
+        ("cert:tls/portal.tre.internal", "tls/ca"),
+        ("cert:tls/gitlab.tre.internal", "tls/ca"),
+        ("cert:tls/jupyter.tre.internal", "tls/ca"),
+    }
+
+
+def test_demo_impact_of_instance_passphrase(full_lab):
+    impact = impact_of(full_lab, "alpha/luks-passphrase")
+    assert impact.key_ids == ["alpha/luks-passphrase", "alpha/luks-volume"]
+    assert [d.ref for d in impact.data] == ["volume:alpha"]
+    assert impact.data[0].protected_by == "alpha/luks-volume"
+    assert impact.signatures == []
+
+
+def test_demo_impact_of_service_key(full_lab):
+    impact = impact_of(full_lab, "tls/portal.tre.internal")
+    assert [d.ref for d in impact.data] == ["service:portal.tre.internal"]
+    assert impact.signatures == [
+        SuspectSignature(
+            "cert:tls/portal.tre.internal", "tls/ca", "certifies a compromised key"
+        )
+    ]
+
+
+def test_demo_impact_of_wrapping_key(full_lab):
+    impact = impact_of(full_lab, "wrap/alice")
+    assert impact.key_ids == ["wrap/alice", "mac/alpha-import"]
+    assert [d.ref for d in impact.data] == [
+        "manifest:alpha-import/import-cohort-2026-12"
+    ]
+
+
+def test_demo_compromise_drill_end_to_end(full_lab):
+    leaked = ["alpha/luks-passphrase", "tls/portal.tre.internal"]
+    with full_lab.open_vault() as vault:
+        plan, result = respond(full_lab, vault, leaked)
+        record_rows = verify_response(vault, plan, result)
+        tool_rows = verify_replacements(full_lab, vault, result.new_keys)
+
+    assert [s.key_id for s in plan.steps] == [
+        "alpha/luks-passphrase",
+        "alpha/luks-volume",
+        "tls/portal.tre.internal",
+    ]
+    assert set(result.new_keys) == set(leaked) | {"alpha/luks-volume"}
+    for row in record_rows + tool_rows:
+        assert row["passed"], row
+    checked = {row["check"] for row in tool_rows}
+    assert "old alpha/luks-passphrase no longer opens the volume" in checked
+    assert "files of volume alpha recover with the new keys" in checked
+    assert (
+        "old certificate of tls/portal.tre.internal is in the CRL of tls/ca" in checked
+    )
+
+
+def test_demo_ca_and_service_key_rotate_once(full_lab):
+    leaked = ["tls/ca", "tls/portal.tre.internal"]
+    with full_lab.open_vault() as vault:
+        plan, result = respond(full_lab, vault, leaked)
+        portal = vault.get("tls/portal.tre.internal")
+        rows = verify_response(vault, plan, result)
+
+    assert [s.key_id for s in plan.steps] == leaked
+    # The CA rotation reissued the portal certificate, so its own step only
+    # marks the old key compromised instead of rotating it a second time.
+    assert result.new_keys["tls/portal.tre.internal"] == []
+    assert portal.state is KeyState.COMPROMISED
+    new_ca = result.new_keys["tls/ca"][0]
+    assert any(
+        k.startswith("tls/portal.tre.internal@") for k in result.new_keys["tls/ca"]
+    )
+    assert new_ca != "tls/ca"
+    for row in rows:
+        assert row["passed"], row
+
+
+def test_demo_impact_of_instance_gpg_key(full_lab):
+    from trekeys.backup import list_backups
+
+    expected = {b.reference for b in list_backups(full_lab, "alpha")}
+    impact = impact_of(full_lab, "gpg/instance-alpha")
+    assert len(expected) >= 2
+    assert {d.ref for d in impact.data} == expected
+    assert {b.ref for b in impact.backups} == expected
+    for backup in impact.backups:
+        assert backup.still_open_with == ("gpg/admin", "gpg/admin-offline")
+
+
+def test_demo_instance_and_service_key_drill(full_lab):
+    leaked = ["gpg/instance-alpha", "tls/portal.tre.internal"]
+    with full_lab.open_vault() as vault:
+        plan, result = respond(full_lab, vault, leaked)
+        record_rows = verify_response(vault, plan, result)
+        tool_rows = verify_replacements(full_lab, vault, result.new_keys)
+        old_state = vault.get("gpg/instance-alpha").state
+
+    assert [s.key_id for s in plan.steps] == leaked
+    assert old_state is KeyState.COMPROMISED
+    for row in record_rows + tool_rows:
+        assert row["passed"], row
+    checked = {row["check"] for row in tool_rows}
+    assert "no backup is still encrypted to old gpg/instance-alpha" in checked
+    new_gpg = result.new_keys["gpg/instance-alpha"][0]
+    assert f"backups are encrypted to new {new_gpg}" in checked

@@ -59,6 +59,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_OUT_OF_USE = {
+    KeyState.DEACTIVATED,
+    KeyState.COMPROMISED,
+    KeyState.DESTROYED,
+    KeyState.DESTROYED_COMPROMISED,
+}
+
 
 @dataclass
 class ResponseResult:
@@ -151,7 +158,7 @@ def _run_step(
     logger.info("incident %s: starting step %s", plan.incident_id, step.id)
     try:
         new_ids: list[str] = []
-        if step.rotator:
+        if step.rotator and not _replaced_earlier(vault, plan, step):
             rotate = resolve_rotator(table.get(KeyKind(step.kind), step.rotator))
             new_ids = list(
                 rotate(lab, vault, step.key_id, reason=reason, compromised=True)
@@ -177,6 +184,24 @@ def _run_step(
     _mark_step_done(vault, plan.incident_id, step, new_ids)
     vault.save()
     return new_ids
+
+
+def _replaced_earlier(vault: Vault, plan: ResponsePlan, step: PlanStep) -> bool:
+    """Return whether an earlier step already took this key out of use.
+
+    A CA rotation, for example, reissues the certificates it signed, so the
+    later steps for those certificates only mark the old keys compromised.
+    """
+    planned = {k["key_id"]: k["state"] for k in plan.impact["keys"]}
+    current = vault.get(step.key_id).state
+    replaced = current.value != planned.get(step.key_id) and current in _OUT_OF_USE
+    if replaced:
+        logger.info(
+            "incident %s: %s was replaced by an earlier step",
+            plan.incident_id,
+            step.key_id,
+        )
+    return replaced
 
 
 def _mark_compromised(vault: Vault, key_id: str, reason: str) -> None:

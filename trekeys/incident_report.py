@@ -24,11 +24,12 @@ from trekeys.incident import (
 )
 from trekeys.lab import VAULT_MASTER_ID, Lab
 from trekeys.records import KeyKind, KeyState
-from trekeys.vault import Vault
+from trekeys.vault import Vault, list_generations
 
 logger = logging.getLogger(__name__)
 
 _USABLE = {KeyState.ACTIVE, KeyState.PRE_ACTIVATION, KeyState.SUSPENDED}
+_GONE = {KeyState.DESTROYED, KeyState.DESTROYED_COMPROMISED}
 
 
 def hash_lab_files(lab: Lab) -> dict[str, str]:
@@ -50,7 +51,8 @@ def changed_files(before: Mapping[str, str], after: Mapping[str, str]) -> list[s
 def choose_drill_keys(vault: Vault) -> tuple[list[str], str]:
     """Pick the keys a compromise drill leaks, preferring the realistic case.
 
-    The first choice is a project instance's GPG key and a service's TLS key.
+    The first choice is a project instance's key (its GPG key, else its LUKS
+    recovery passphrase) and a service's TLS key.
     When their rotators are not installed, the drill falls back to fewer
     keys, and last to the vault master, whose rotator trekeys always has.
 
@@ -60,9 +62,12 @@ def choose_drill_keys(vault: Vault) -> tuple[list[str], str]:
     Raises:
         IncidentError: no candidate has rotators for every key it affects.
     """
+    # A project instance's GPG key is the policy's instance key. A lab without
+    # GPG keys uses the instance's LUKS recovery passphrase instead.
     instance_keys = [
         r.id
-        for r in vault.find(kind=KeyKind.GPG.value, state="active")
+        for kind in (KeyKind.GPG, KeyKind.LUKS_PASSPHRASE)
+        for r in vault.find(kind=kind.value, state="active")
         if r.owner.startswith("instance:")
     ]
     service_keys = [
@@ -151,22 +156,18 @@ def verify_response(
     return rows
 
 
-def verify_custody(lab: Lab, retired_split: str | None) -> list[dict[str, Any]]:
-    """Check that the current shares open the vault and retired ones do not.
+def verify_custody(lab: Lab, vault: Vault) -> list[dict[str, Any]]:
+    """Check custody after the vault master was replaced.
 
-    Args:
-        lab: the lab.
-        retired_split: the split whose shares were retired, or None to skip that.
+    Each current share must rebuild the master secret, the old master must
+    be a tombstone, and every kept generation of the vault must open with
+    the current credentials, so no copy under the old key is left.
+
+    Returns:
+        One row per check: check, passed, detail.
     """
     rows = []
-    with lab.open_vault(read_only=True) as vault:
-        share_rows = lab.check_each_share(vault)
-    rows.append(
-        _row(
-            "current custodian shares open the vault", True, f"{len(share_rows)} shares"
-        )
-    )
-    for share in share_rows:
+    for share in lab.check_each_share(vault):
         rows.append(
             _row(
                 f"share of {share['custodian']} is valid",
@@ -174,28 +175,30 @@ def verify_custody(lab: Lab, retired_split: str | None) -> list[dict[str, Any]]:
                 share["detail"],
             )
         )
-    if retired_split is None:
-        return rows
 
-    retired = sorted((lab.custodians_dir / f"retired-{retired_split}").glob("*.share"))
-    try:
-        lab.open_vault(retired[: lab.threshold], read_only=True).close()
-        rejected, detail = False, "the retired shares still open the vault"
-    except CredentialError:
-        rejected, detail = True, f"{len(retired)} retired shares rejected"
+    old_masters = [k for k in vault.ids() if k.startswith(f"{VAULT_MASTER_ID}/split-")]
+    for key_id in old_masters:
+        state = vault.get(key_id).state
+        rows.append(
+            _row(f"old master {key_id} is destroyed", state in _GONE, state.value)
+        )
+
+    credentials = lab.credentials()
+    generations = list_generations(lab.vault_path)
+    failed = []
+    for generation in generations:
+        try:
+            Vault.open(generation, credentials, read_only=True).close()
+        except CredentialError:
+            failed.append(generation.name)
     rows.append(
-        _row("retired custodian shares no longer open the vault", rejected, detail)
+        _row(
+            "every vault generation opens with the current shares only",
+            not failed,
+            ", ".join(failed) or f"{len(generations)} generations",
+        )
     )
     return rows
-
-
-def retired_split_of(vault: Vault, result: ResponseResult) -> str | None:
-    """Return the split retired by a vault-master rotation in `result`, if any."""
-    if VAULT_MASTER_ID not in result.new_keys:
-        return None
-    retired = [k for k in vault.ids() if k.startswith(f"{VAULT_MASTER_ID}/split-")]
-    newest = max(retired, key=lambda k: vault.get(k).history[-1]["at"])
-    return newest.rsplit("split-", 1)[1]
 
 
 def incident_timeline(vault: Vault, incident_id: str) -> list[dict[str, str]]:
@@ -269,7 +272,8 @@ def open_items(
     if any(s.key_id == VAULT_MASTER_ID for s in plan.steps):
         items.append(
             {
-                "item": "collect and destroy the retired custodian shares",
+                "item": "hand each custodian their new share; collect and destroy "
+                "the paper copies of the old shares",
                 "role": "Information Security Manager",
             }
         )

@@ -37,11 +37,11 @@ ROTATORS: dict[KeyKind, str] = {
     KeyKind.FILE_KEY: "trekeys.files:rotate_key",
     KeyKind.WRAPPING: "trekeys.wrap:rotate_key",
     KeyKind.MAC: "trekeys.transfer:rotate_key",
-    KeyKind.TLS_CA: "trekeys.tls:rotate_key",
-    KeyKind.TLS_CERT: "trekeys.tls:rotate_key",
-    KeyKind.GPG: "trekeys.backup:rotate_key",
-    KeyKind.SSH: "trekeys.ssh:rotate_key",
-    KeyKind.SIGNING: "trekeys.reports:rotate_key",
+    KeyKind.TLS_CA: "trekeys.tls_lifecycle:rotate_key",
+    KeyKind.TLS_CERT: "trekeys.tls_lifecycle:rotate_key",
+    KeyKind.GPG: "trekeys.response_plan:rotate_backup_key",
+    KeyKind.SSH: "trekeys.rotation:rotate_key",
+    KeyKind.SIGNING: "trekeys.signing:rotate_key",
 }
 
 # The actions of each kind's response, with the role that carries each out.
@@ -169,6 +169,26 @@ class ResponsePlan:
             steps,
             dict(data["impact"]),
         )
+
+
+def rotate_backup_key(
+    lab: Any, vault: Vault, key_id: str, *, reason: str, compromised: bool
+) -> list[str]:
+    """Rotate a GPG backup key and, after a compromise, re-encrypt its backups.
+
+    Re-encryption to the new set of recipients is part of the response to a
+    compromised backup key, so this adapter turns it on for that case only.
+    """
+    from trekeys.rotation import rotate_key
+
+    return rotate_key(
+        lab,
+        vault,
+        key_id,
+        reason=reason,
+        compromised=compromised,
+        reencrypt=compromised,
+    )
 
 
 def new_incident_id() -> str:
