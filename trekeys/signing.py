@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from trekeys.errors import IntegrityError
+from trekeys.errors import IntegrityError, PolicyError
 from trekeys.records import KeyKind, KeyRecord, KeyState, utcnow
 from trekeys.vault import Vault
 
@@ -227,3 +227,80 @@ def _check_signature(
             f"{MANIFEST} of {folder} fails its signature check: the manifest "
             "or its signature was edited; treat the reports as unverified."
         ) from exc
+
+
+def rotate_key(
+    lab: Any, vault: Vault, key_id: str, *, reason: str, compromised: bool
+) -> list[str]:
+    """Replace an Ed25519 signing key (reports or ceremony transcripts).
+
+    The key keeps its id, because the runner and the ceremonies find it by
+    id. The old key's record is kept as ``<id>/retired-<n>`` with its public key
+    and the list of what it signed, so that earlier reports still verify and a
+    compromise shows which ones it vouched for. Its private key is not kept.
+
+    Returns:
+        ``[key_id]``: the same id, now for the new key.
+
+    Raises:
+        PolicyError: `key_id` is not a signing key.
+    """
+    old = vault.get(key_id)
+    if old.kind is not KeyKind.SIGNING or "public_key" not in old.attributes:
+        raise PolicyError(
+            f"key {key_id} is not an Ed25519 signing key; rotate it with the "
+            "rotator of its own kind."
+        )
+
+    retired_id = _retired_id(vault, key_id)
+    retired = KeyRecord.from_dict({**old.to_dict(), "id": retired_id})
+    retired.purpose = f"Earlier {key_id}; verifies what it signed before {utcnow()}."
+    vault.add(retired)
+    state = KeyState.COMPROMISED if compromised else KeyState.DEACTIVATED
+    vault.transition(retired_id, state, reason)
+
+    private = Ed25519PrivateKey.generate()
+    public = _public_bytes(private.public_key())
+    vault.put_secret(key_id, private.private_bytes_raw(), reason=f"rotation: {reason}")
+    current = vault.get(key_id)
+    current.fingerprint = hashlib.sha256(public).hexdigest()
+    current.attributes = {
+        **current.attributes,
+        "public_key": base64.b64encode(public).decode("ascii"),
+        "replaces": retired_id,
+    }
+    current.signs = []
+    current.activated = utcnow()
+    vault.update(current, operation="rotate", detail=f"old key is {retired_id}")
+    logger.info("rotated signing key %s; the old key is %s", key_id, retired_id)
+    return [key_id]
+
+
+def _retired_id(vault: Vault, key_id: str) -> str:
+    number = 1
+    while f"{key_id}/retired-{number}" in vault:
+        number += 1
+    return f"{key_id}/retired-{number}"
+
+
+def signer_of_run(vault: Vault, run_name: str) -> KeyRecord:
+    """Return the signing key record that lists `run_name` among what it signed.
+
+    Raises:
+        IntegrityError: no signing key signed that run, or the one that did
+            has been compromised since, so its signature proves nothing.
+    """
+    reference = f"report:{run_name}"
+    for key_id in vault.ids():
+        record = vault.get(key_id)
+        if record.kind is KeyKind.SIGNING and reference in record.signs:
+            if record.state in (KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED):
+                raise IntegrityError(
+                    f"run {run_name} was signed by {record.id}, which is marked "
+                    "compromised; treat its reports as unverified."
+                )
+            return record
+    raise IntegrityError(
+        f"no signing key in the vault lists run {run_name}; it was not signed by "
+        "this TRE's report-signing key."
+    )

@@ -20,7 +20,7 @@ from trekeys.drills import (
     select_notebooks,
 )
 from trekeys.reports import INDEX, prune_runs
-from trekeys.signing import SIGNING_KEY_ID, verify_run_folder
+from trekeys.signing import signer_of_run, verify_run_folder
 
 
 def register(main: click.Group) -> None:
@@ -152,7 +152,8 @@ def report() -> None:
     "--lab",
     "lab_dir",
     type=click.Path(path_type=Path),
-    help="Take the trusted report-signing key from this TRE's vault instead.",
+    help="Take the trusted key from this TRE's vault: the signing key that lists "
+    "the run among what it signed.",
 )
 @share_option
 def verify(
@@ -179,7 +180,7 @@ def verify(
     if lab_dir is not None:
         _, vault = open_lab_vault(lab_dir, share_files)
         with vault:
-            fingerprint = vault.get(SIGNING_KEY_ID).fingerprint
+            fingerprint = signer_of_run(vault, run_folder.resolve().name).fingerprint
 
     result = verify_run_folder(run_folder, fingerprint=fingerprint)
     click.echo(
