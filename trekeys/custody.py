@@ -196,7 +196,7 @@ def read_share_file(path: Path) -> str:
     """Return the share words from a share file.
 
     Raises:
-        ShareError: the file is missing, unreadable, holds no share, or its
+        ShareError: the file is missing, unreadable, contains no share, or its
             share has a bad checksum.
     """
     try:

@@ -136,7 +136,7 @@ def credentials_for(
     from a prompt that does not echo when `interactive`, or from the lab's own
     custodian folder. Paths are not secrets, so they may be parameters.
     Relative paths in `share_files` are taken from the lab folder, because a
-    runbook runs in its report folder; relative paths in the environment
+    runbook runs in its report folder. Relative paths in the environment
     variable are taken from the current folder, as a shell user expects.
     """
     paths = [

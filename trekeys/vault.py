@@ -861,7 +861,7 @@ class Vault:
         Appending to a log that no longer contains the head stored in the
         vault would re-anchor a deleted or truncated log and hide the gap.
         Entries after the head come from a session whose vault save did not
-        finish; they are kept, and the returned note says so in the log.
+        finish. They are kept, and the returned note is added to the log.
         """
         head = self.meta.get("audit_head")
         if not head or head == tail:
