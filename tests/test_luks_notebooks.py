@@ -54,3 +54,22 @@ def test_recovery_runbook_fails_on_bad_media_copy(
     assert outcome.outcome == "failed"
     assert "backup media is sound" in outcome.error
     assert str(media) in outcome.error
+
+
+def test_recovery_runbook_claims_its_proofs(full_lab: Lab, tmp_path: Path) -> None:
+    run = run_drills(full_lab.root, tmp_path / "reports", names=["volume-recovery"])
+
+    outcome = run.drills[0]
+    assert outcome.outcome == "passed", outcome.error
+    claimed = sorted(proof["key_id"] for proof in outcome.recovery_proofs)
+    expected = sorted(
+        f"{instance}/{kind}"
+        for instance in full_lab.instances
+        for kind in ("luks-volume", "luks-passphrase", "luks-boot-key")
+    )
+    assert claimed == expected
+    assert all(proof["recorded"] for proof in outcome.recovery_proofs)
+    with full_lab.open_vault(read_only=True) as vault:
+        record = vault.get("alpha/luks-volume")
+    report = f"{run.folder.name}/volume-recovery.ipynb"
+    assert record.attributes["last_recovery_report"] == report

@@ -344,17 +344,13 @@ class RecoveryDrill:
         """Return whether the live volume's size and mtime are as before the drill."""
         return _state_of(self.live) == self._live_state
 
-    def record_proof(self, report: str = "", *, origin: str = "drill") -> str:
-        """Store the time and report of this recovery on the volume's key records.
+    @property
+    def key_ids(self) -> list[str]:
+        """The volume key, recovery passphrase and boot key that this drill proves."""
+        return [self.volume_id, self.passphrase_id, self.boot_key_id]
 
-        Every record gets the same ``last_recovery_proof`` time and
-        ``last_recovery_report``, so that no record keeps pointing at an older
-        run. Without `report`, the drill identifies itself as
-        "<origin> <UTC time> by <actor>". The audit entries list what the
-        drill's steps proved.
-
-        Returns:
-            The proof time, in ISO 8601 UTC.
+    def proof_detail(self) -> str:
+        """Describe what the drill's steps proved, for the recovery proof's audit entry.
 
         Raises:
             IntegrityError: no step of this drill has proved anything yet.
@@ -364,11 +360,31 @@ class RecoveryDrill:
                 f"the recovery drill on {self.volume_id} has proved nothing yet; run "
                 "its steps before recording the proof."
             )
+        return f"proved {'; '.join(self.proven)}"
+
+    def record_proof(self, report: str = "", *, origin: str = "drill") -> str:
+        """Store the time and report of this recovery on the volume's key records.
+
+        Every record gets the same ``last_recovery_proof`` time and
+        ``last_recovery_report``, so that no record keeps pointing at an older
+        run. Without `report`, the drill identifies itself as
+        "<origin> <UTC time> by <actor>". The audit entries list what the
+        drill's steps proved. The CLI and `run_recovery_drill` record proofs
+        this way; a runbook claims them with `runbook.record_recovery_proof`
+        instead, so that the drill runner records them only if the drill passes.
+
+        Returns:
+            The proof time, in ISO 8601 UTC.
+
+        Raises:
+            IntegrityError: no step of this drill has proved anything yet.
+        """
+        proved = self.proof_detail()
         when = utcnow().isoformat()
         if not report:
             report = f"{origin} {when} by {self.vault.actor.name}"
-        detail = f"{report}: proved {'; '.join(self.proven)}"
-        for key_id in (self.volume_id, self.passphrase_id, self.boot_key_id):
+        detail = f"{report}: {proved}"
+        for key_id in self.key_ids:
             record = self.vault.get(key_id)
             record.attributes["last_recovery_proof"] = when
             record.attributes["last_recovery_report"] = report
