@@ -30,8 +30,10 @@ from trekeys.errors import (
 )
 from trekeys.incident import (
     ISM,
+    RESPONSE_COMPLETE,
     SYSADMINS,
     build_plan,
+    close_incident,
     execute_plan,
     incident_records,
     respond,
@@ -64,6 +66,7 @@ TEST_ROTATORS = {
     KeyKind.MAC: "test_incident:rotate_test_key",
     KeyKind.WRAPPING: "test_incident:rotate_test_key",
 }
+WRAP_ROTATORS = {**TEST_ROTATORS, KeyKind.FILE_KEY: "test_incident:rotate_test_key"}
 
 
 def rotate_test_key(
@@ -397,10 +400,50 @@ def test_respond_rotates_and_marks_compromised(tre):
         assert vault.get("wrap/alice").state is KeyState.COMPROMISED
         assert vault.get("files/alice").state is KeyState.COMPROMISED
         assert vault.get("wrap/alice.r1").state is KeyState.ACTIVE
-        assert incident_records(vault)[plan.incident_id]["status"] == "closed"
+        record = incident_records(vault)[plan.incident_id]
         operations = [e["operation"] for e in vault.audit_log.entries()]
+    assert record["status"] == RESPONSE_COMPLETE
+    assert "closed" not in record
     assert operations.count("incident-step") == 2
+    assert "incident-response-complete" in operations
+    assert "incident-close" not in operations
+
+
+def test_close_incident_after_open_items(tre):
+    with tre.open_vault() as vault:
+        plan, _ = respond(tre, vault, ["wrap/alice"], rotators=WRAP_ROTATORS)
+        close_incident(vault, plan.incident_id, "notifications sent; cause found")
+    with tre.open_vault(read_only=True) as vault:
+        record = incident_records(vault)[plan.incident_id]
+        operations = [e["operation"] for e in vault.audit_log.entries()]
+    assert record["status"] == "closed"
+    assert record["closed"]
+    assert record["closing_note"] == "notifications sent; cause found"
     assert "incident-close" in operations
+
+
+def test_close_incident_with_steps_left_raises(tre):
+    FAILING.add("files/alice")
+    try:
+        with pytest.raises(ResponseStepError), tre.open_vault() as vault:
+            plan, _ = respond(tre, vault, ["wrap/alice"], rotators=WRAP_ROTATORS)
+    finally:
+        FAILING.clear()
+
+    with tre.open_vault() as vault:
+        (incident_id,) = incident_records(vault)
+        with pytest.raises(IncidentError, match="steps are not done"):
+            close_incident(vault, incident_id, "done")
+        record = incident_records(vault)[incident_id]
+    assert record["status"] == "open"
+    assert "closed" not in record
+
+
+def test_close_unknown_incident_raises(tre):
+    with tre.open_vault() as vault:
+        with pytest.raises(IncidentError, match="no incident 'INC-none'"):
+            close_incident(vault, "INC-none", "done")
+        assert incident_records(vault) == {}
 
 
 def test_respond_dry_run_changes_no_file(tre):
@@ -655,6 +698,15 @@ def test_runbooks_pass_twice_on_demo_lab(full_lab, tmp_path):
             "key-rotation": ("passed", ""),
             "compromise-response": ("passed", ""),
         }
+        response = run.drills[1]
+        checks = {c["name"]: c["detail"] for c in response.checks}
+        assert (
+            RESPONSE_COMPLETE
+            in checks["incident stays open until its open items are done"]
+        )
+    with full_lab.open_vault(read_only=True) as vault:
+        statuses = [r["status"] for r in incident_records(vault).values()]
+    assert statuses == [RESPONSE_COMPLETE, RESPONSE_COMPLETE]
 
 
 def test_rotation_runbook_rotates_given_key(full_lab, tmp_path):
@@ -713,6 +765,21 @@ def test_cli_impact_unknown_key_exits_1(tre):
     )
     assert result.exit_code == 1
     assert "Error: no key record with id 'nope/x'" in result.output
+
+
+def test_cli_close_incident(tre):
+    with tre.open_vault() as vault:
+        plan, _ = respond(tre, vault, ["wrap/alice"], rotators=WRAP_ROTATORS)
+    arguments = ["incident", "close", "--lab", str(tre.root), plan.incident_id]
+
+    result = CliRunner().invoke(main, [*arguments, "--note", "ISM: all sent"])
+
+    assert result.exit_code == 0, result.output
+    assert f"incident {plan.incident_id} closed" in result.output
+    with tre.open_vault(read_only=True) as vault:
+        record = incident_records(vault)[plan.incident_id]
+    assert record["status"] == "closed"
+    assert record["closing_note"] == "ISM: all sent"
 
 
 def test_cli_plan_missing_rotator_exits_1(tre, monkeypatch):

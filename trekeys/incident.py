@@ -5,6 +5,11 @@
 vault's metadata and saves the vault straight away, so a response that fails
 halfway stops, reports what was done and what was not, and resumes without
 repeating a step.
+
+An incident is "open" while steps remain, then "response complete, open items
+remain" once every step is done. People still have to find the cause and send
+the drafted notifications, so only `close_incident`, called when they have,
+closes it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = [
     "ResponseResult",
     "build_lab",
     "build_plan",
+    "close_incident",
     "execute_plan",
     "find_open_incident",
     "incident_records",
@@ -58,6 +64,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Values of an incident record's "status".
+OPEN = "open"
+RESPONSE_COMPLETE = "response complete, open items remain"
+CLOSED = "closed"
 
 _OUT_OF_USE = {
     KeyState.DEACTIVATED,
@@ -82,7 +93,7 @@ class ResponseResult:
 def find_open_incident(vault: Vault, key_ids: Sequence[str]) -> ResponsePlan | None:
     """Return the stored plan of an unfinished response to the same leaked keys."""
     for record in incident_records(vault).values():
-        if record["status"] == "open" and sorted(record["plan"]["leaked"]) == sorted(
+        if record["status"] == OPEN and sorted(record["plan"]["leaked"]) == sorted(
             key_ids
         ):
             return ResponsePlan.from_dict(record["plan"])
@@ -142,7 +153,7 @@ def execute_plan(
         result.new_keys[step.key_id] = _run_step(lab, vault, plan, step, rotators)
         result.done_now.append(step.id)
 
-    _close_incident(vault, plan.incident_id)
+    _complete_response(vault, plan.incident_id)
     return result
 
 
@@ -221,7 +232,7 @@ def _store_incident(vault: Vault, plan: ResponsePlan) -> None:
     if plan.incident_id in incidents:
         return
     incidents[plan.incident_id] = {
-        "status": "open",
+        "status": OPEN,
         "opened": utcnow().isoformat(),
         "opened_by": f"{vault.actor.role}: {vault.actor.name}",
         "plan": plan.to_dict(),
@@ -253,15 +264,51 @@ def _mark_step_done(
     )
 
 
-def _close_incident(vault: Vault, incident_id: str) -> None:
+def _complete_response(vault: Vault, incident_id: str) -> None:
     incidents = incident_records(vault)
-    if incidents[incident_id]["status"] == "closed":
+    if incidents[incident_id]["status"] != OPEN:
         return
-    incidents[incident_id]["status"] = "closed"
-    incidents[incident_id]["closed"] = utcnow().isoformat()
+    incidents[incident_id]["status"] = RESPONSE_COMPLETE
+    incidents[incident_id]["responded"] = utcnow().isoformat()
+    vault.update_meta(incidents=incidents)
+    vault.record_operation(
+        "incident-response-complete", "incident", "success", incident_id
+    )
+    vault.save()
+
+
+def close_incident(vault: Vault, incident_id: str, note: str) -> None:
+    """Close an incident whose open items people have done.
+
+    Args:
+        note: who did the open items (cause found, notifications sent), and
+            where that is recorded.
+
+    Raises:
+        IncidentError: no incident has that id, or its response steps are not
+            all done yet.
+    """
+    record = load_incident(vault, incident_id)
+    if record["status"] == CLOSED:
+        return
+    if record["status"] != RESPONSE_COMPLETE:
+        raise IncidentError(
+            f"incident {incident_id} cannot be closed because its response steps "
+            "are not done; run 'trekeys incident respond' with the same keys first."
+        )
+
+    incidents = incident_records(vault)
+    incidents[incident_id] = {
+        **record,
+        "status": CLOSED,
+        "closed": utcnow().isoformat(),
+        "closed_by": f"{vault.actor.role}: {vault.actor.name}",
+        "closing_note": note,
+    }
     vault.update_meta(incidents=incidents)
     vault.record_operation("incident-close", "incident", "success", incident_id)
     vault.save()
+    logger.info("incident %s closed: %s", incident_id, note)
 
 
 def respond(

@@ -202,7 +202,7 @@ def verify_custody(lab: Lab, vault: Vault) -> list[dict[str, Any]]:
 
 
 def incident_timeline(vault: Vault, incident_id: str) -> list[dict[str, str]]:
-    """Return the timeline of an incident: opened, each step done, closed."""
+    """Return the timeline of an incident: opened, each step, response done, closed."""
     record = load_incident(vault, incident_id)
     rows = [
         {
@@ -220,12 +220,20 @@ def incident_timeline(vault: Vault, incident_id: str) -> list[dict[str, str]]:
                 "by": step["by"],
             }
         )
+    if record.get("responded"):
+        rows.append(
+            {
+                "time": record["responded"],
+                "event": "response complete, open items remain",
+                "by": record["opened_by"],
+            }
+        )
     if record.get("closed"):
         rows.append(
             {
                 "time": record["closed"],
-                "event": "incident closed",
-                "by": record["opened_by"],
+                "event": f"incident closed: {record.get('closing_note', '')}",
+                "by": record.get("closed_by", record["opened_by"]),
             }
         )
     return rows

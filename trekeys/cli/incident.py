@@ -8,7 +8,7 @@ import click
 
 from trekeys.cli.common import lab_option, open_lab_vault, share_option
 from trekeys.depgraph import Impact, find_impact
-from trekeys.incident import ResponsePlan, build_plan, respond
+from trekeys.incident import ResponsePlan, build_plan, close_incident, respond
 from trekeys.notify import build_notifications, load_stakeholders
 
 
@@ -96,6 +96,30 @@ def respond_command(lab_dir, share_files, key_ids, dry_run, notify) -> None:
     for note in notes:
         click.echo(f"--- to {note.name} ({note.role}) <{note.contact}>")
         click.echo(f"Subject: {note.subject}\n\n{note.body}\n")
+    if not dry_run:
+        click.echo(
+            f"Incident {plan.incident_id} stays open until the notifications are "
+            "sent and the cause is found; then run 'trekeys incident close "
+            f"{plan.incident_id} --note TEXT'."
+        )
+
+
+@incident.command("close")
+@lab_option
+@share_option
+@click.argument("incident_id")
+@click.option(
+    "--note",
+    required=True,
+    help="Note stored on the incident: who found the cause and sent the "
+    "notifications, and where that is recorded.",
+)
+def close_command(lab_dir, share_files, incident_id, note) -> None:
+    """Close INCIDENT_ID once its response is complete and its open items are done."""
+    _, vault = open_lab_vault(lab_dir, share_files)
+    with vault:
+        close_incident(vault, incident_id, note)
+    click.echo(f"incident {incident_id} closed")
 
 
 def format_impact(impact: Impact) -> list[str]:
