@@ -398,6 +398,38 @@ def test_restore_drill_notebook_passes(lab: Lab, tmp_path: Path) -> None:
     assert again.passed, [d.error for d in again.drills]
 
 
+def test_restore_drill_covers_every_instance(lab: Lab, tmp_path: Path) -> None:
+    result = run_drills(lab.root, tmp_path / "reports", names=["backup-restore-drill"])
+
+    drill = result.drills[0]
+    assert drill.outcome == "passed", drill.error
+    names = {c["name"] for c in drill.checks}
+    for instance in lab.instances:
+        newest = backup.find_backup(lab, instance)
+        assert len(newest.recipients) == 3
+        for recipient in newest.recipients:
+            assert f"{instance}: backup restores with {recipient.key_id}" in names
+        tests = newest.manifest["restore_tests"]
+        assert tests[-1]["at"] >= result.started
+        assert set(tests[-1]["keys"].values()) == {"passed"}
+
+
+def test_restore_drill_one_instance(lab: Lab, tmp_path: Path) -> None:
+    result = run_drills(
+        lab.root,
+        tmp_path / "reports",
+        names=["backup-restore-drill"],
+        parameters={"instance": "beta"},
+    )
+
+    drill = result.drills[0]
+    assert drill.outcome == "passed", drill.error
+    restored = {
+        c["name"].split(":")[0] for c in drill.checks if "restores" in c["name"]
+    }
+    assert restored == {"beta"}
+
+
 def test_backup_refuses_deactivated_only_key(lab: Lab, vault: Vault) -> None:
     vault.transition("gpg/admin", KeyState.DEACTIVATED, "test")
     before = store_listing(lab)
@@ -430,7 +462,9 @@ def test_drill_notebook_names_failing_key(lab: Lab, tmp_path: Path) -> None:
     result = run_drills(lab.root, tmp_path / "reports", names=["backup-restore-drill"])
     assert not result.passed
     failed = [c for c in result.drills[0].checks if not c["passed"]]
-    assert [c["name"] for c in failed] == ["backup restores with gpg/admin-offline"]
+    assert [c["name"] for c in failed] == [
+        "alpha: backup restores with gpg/admin-offline"
+    ]
     assert "offline media" in failed[0]["detail"]
 
 
