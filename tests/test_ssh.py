@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trekeys import backup, gpgkeys, restore, rotation, ssh
+from trekeys import backup, gpgkeys, restore, rotation, ssh, ssh_revocation
 from trekeys.drills import run_drills
 from trekeys.errors import PolicyError
 from trekeys.lab import Lab
@@ -168,3 +168,41 @@ def test_ssh_inventory_notebook_passes(lab: Lab, tmp_path: Path) -> None:
     assert result.passed, [d.error for d in result.drills]
     again = run_drills(lab.root, tmp_path / "reports", names=["ssh-inventory"])
     assert again.passed, [d.error for d in again.drills]
+
+
+DEMO_KEY = "ssh/alpha/alice-old-laptop"
+
+
+def test_demo_revoked_key_only_in_older_backup(lab: Lab, vault: Vault) -> None:
+    record = vault.get(DEMO_KEY)
+    older, newest = backup.list_backups(lab, "alpha")
+
+    assert record.attributes["revoked"]
+    assert record.fingerprint in ssh.revoked_fingerprints(lab)
+    assert record.fingerprint not in authorized_keys(lab, "alpha", "alice").read_text()
+    assert ssh_revocation.find_backup_with_key(lab, vault, record) == older
+    entries = ssh.build_access_inventory(lab, vault)
+    assert DEMO_KEY not in {e.key_id for e in entries}
+    assert newest.name in {e.backup for e in entries}
+
+
+def test_revocation_applied_on_restore(lab: Lab, vault: Vault) -> None:
+    result = ssh_revocation.check_revocation_on_restore(lab, vault, DEMO_KEY)
+
+    assert result.in_krl is True
+    assert result.backup == backup.list_backups(lab, "alpha")[0].reference
+    assert result.in_restored is False
+    assert len(result.dropped) == 1
+    assert "alice@alpha" in result.dropped[0]
+    assert list(lab.work_dir.glob("ssh-revocation-*")) == []
+
+
+def test_ssh_inventory_notebook_names_revoked_key(lab: Lab, tmp_path: Path) -> None:
+    result = run_drills(lab.root, tmp_path / "reports", names=["ssh-inventory"])
+
+    drill = result.drills[0]
+    assert drill.outcome == "passed", drill.error
+    details = {c["name"]: c["detail"] for c in drill.checks}
+    assert details["KRL lists every revoked key"] == DEMO_KEY
+    restore_check = f"{DEMO_KEY} is dropped when an older backup is restored"
+    assert details[restore_check].startswith("backup:alpha/")

@@ -394,11 +394,15 @@ def create_demo_home(lab: Lab, instance: str, user: str) -> Path:
 
 def build_lab(lab: Lab, vault: Vault) -> None:
     """Create the backup keys and two backups of every instance's home folder."""
+    from trekeys.ssh_revocation import revoke_demo_key
+
     gpgkeys.create_backup_keys(lab, vault)
     for instance, users in lab.instances.items():
         for user in users:
             create_demo_home(lab, instance, user)
         create_backup(lab, vault, instance)
+        # The older backup keeps the revoked key, so restores must drop it.
+        revoke_demo_key(lab, vault, instance)
         # A change between the two backups, as between two nightly runs.
         first = home_dir(lab, instance) / users[0] / "analysis" / "results.txt"
         first.write_text("results of the second day\n", encoding="utf-8")

@@ -440,9 +440,16 @@ def build_access_inventory(
 
 
 def build_lab(lab: Lab, vault: Vault) -> None:
-    """Give every instance a host key and every user a home folder and SSH key."""
+    """Give every instance a host key and every user a home folder and SSH key.
+
+    The first user also gets an old-laptop key, which `trekeys.backup:build_lab`
+    revokes between the two backups of that instance.
+    """
+    from trekeys.ssh_revocation import create_demo_key
+
     for instance, users in lab.instances.items():
         create_host_key(lab, vault, instance)
         for user in users:
             backups.create_demo_home(lab, instance, user)
             create_user_key(lab, vault, instance, user)
+    create_demo_key(lab, vault)
