@@ -40,6 +40,7 @@ from trekeys.kernels import (
 )
 from trekeys.lab import Lab
 from trekeys.records import utcnow
+from trekeys.report_worker import ReportWorker
 from trekeys.runbook import CHECKS_FILE_ENV, PROOFS_FILE_ENV
 from trekeys.vault import audit_log_path
 
@@ -306,34 +307,36 @@ def run_drills(
 
     run = RunResult(folder, [], started=utcnow().isoformat())
     plan = list(chosen.items())
-    warm_up = reports.start_html_warm_up()
     starter = KernelStarter()
-    try:
-        starter.start_next(drill_environment(folder, plan[0][0]), folder)
-        for number, (name, path) in enumerate(plan):
-            if on_start is not None:
-                on_start(name)
-            kernel = starter.take()
-            if number + 1 < len(plan):
-                # The next drill's kernel boots while this drill runs.
-                next_name = plan[number + 1][0]
-                starter.start_next(drill_environment(folder, next_name), folder)
-            params = {**per_drill[name], "lab_dir": str(lab.root)}
-            try:
-                result = run_notebook(
-                    name, path, folder, params, timeout, lab=lab, kernel=kernel
-                )
-            finally:
-                starter.shutdown(kernel)
-            result.runbook = pins[name].to_dict()
-            run.drills.append(result)
-            if on_finish is not None:
-                on_finish(result)
-    finally:
-        starter.close()
+    with ReportWorker(lab, folder) as worker:
+        try:
+            starter.start_next(drill_environment(folder, plan[0][0]), folder)
+            for number, (name, path) in enumerate(plan):
+                if on_start is not None:
+                    on_start(name)
+                kernel = starter.take()
+                if number + 1 < len(plan):
+                    # The next drill's kernel boots while this drill runs.
+                    next_name = plan[number + 1][0]
+                    starter.start_next(drill_environment(folder, next_name), folder)
+                params = {**per_drill[name], "lab_dir": str(lab.root)}
+                try:
+                    result = run_notebook(
+                        name, path, folder, params, timeout, lab=lab, kernel=kernel
+                    )
+                finally:
+                    starter.shutdown(kernel)
+                result.runbook = pins[name].to_dict()
+                run.drills.append(result)
+                # Its report is written while the next drill runs.
+                worker.submit(result)
+                if on_finish is not None:
+                    on_finish(result)
+        finally:
+            starter.close()
+        written = worker.wait()
 
-    warm_up.join()
-    reports.finish_run(run, lab, Path(out_root))
+    reports.finish_run(run, lab, Path(out_root), written=written)
     return run
 
 
