@@ -47,6 +47,7 @@ from trekeys.vault import audit_log_path
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 900
+_ENGINE_NAME = "trekeys-nbclient"
 _NOTEBOOK_NAME = re.compile(r"^(\d+)-([a-z0-9-]+)\.ipynb$")
 
 # Outcomes of one drill, as written to summary.json and the index.
@@ -401,6 +402,40 @@ def run_notebook(
     return result
 
 
+def _register_engine() -> str:
+    """Register papermill's nbclient engine with fewer saves, and return its name.
+
+    papermill 2.7 writes and validates the whole output notebook before and
+    after every cell, about 700 writes for the drill suite. This engine
+    writes it at most every ``autosave_cell_every`` seconds (30 by default)
+    during the run and, as before, once when the run ends or stops, so a
+    timed-out or crashed drill still leaves its executed notebook.
+    """
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class SparseSaveEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(
+            cls, nb_man: Any, kernel_name: str, **kwargs: Any
+        ) -> Any:
+            save = nb_man.save
+
+            def save_when_due(**save_kwargs: Any) -> None:
+                elapsed = (nb_man.now() - nb_man.last_save_time).total_seconds()
+                if elapsed >= nb_man.autosave_cell_every:
+                    save(**save_kwargs)
+
+            # Engine.execute_notebook saves once more after this returns.
+            nb_man.save = save_when_due
+            try:
+                return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+            finally:
+                nb_man.save = save
+
+    papermill_engines.register(_ENGINE_NAME, SparseSaveEngine)
+    return _ENGINE_NAME
+
+
 def _execute(
     path: Path, output: Path, parameters: dict[str, Any], timeout: float, kernel: Any
 ) -> tuple[str, str]:
@@ -429,6 +464,7 @@ def _execute(
             progress_bar=False,
             cwd=str(output.parent),
             kernel_manager_class=manager_class_for(kernel),
+            engine_name=_register_engine(),
         )
     except PapermillExecutionError as exc:
         return FAILED, f"{exc.ename}: {_last_line(exc.evalue)}"
