@@ -2,9 +2,10 @@
 
 `run_drills` checks every input before anything runs (the lab, the drill
 names, the parameters against each notebook's ``parameters`` cell, the report
-folder), executes each notebook in a new dated run folder, and hands the run
-to `trekeys.reports`, which writes the summary, the HTML renderings, the
-secret scan, the signed manifest and the index.
+folder) and executes each notebook in a new dated run folder. While a drill
+runs, `trekeys.report_worker` writes the evidence cell and HTML of the drill
+before it. The run then goes to `trekeys.reports`, which writes the summary,
+the secret scan, the signed manifest and the index.
 
 A drill passes only when papermill raised nothing, the executed notebook
 holds no error output and every check it recorded passed. A drill that runs
