@@ -21,6 +21,7 @@ from trekeys.drills import (
 )
 from trekeys.errors import DrillError, IntegrityError, LabError
 from trekeys.lab import Lab
+from trekeys.report_worker import ReportWorker
 from trekeys.signing import SIGNING_KEY_ID, ensure_signing_key, verify_run_folder
 
 
@@ -263,6 +264,26 @@ def test_html_of_each_drill_has_evidence_cell(
         assert "vault KDF" in html, name
         assert run.folder.name in html, name
     assert "failed: RuntimeError" in (run.folder / "raises.html").read_text()
+    assert verify_run_folder(run.folder).files_checked == 5
+
+
+def test_reports_written_without_worker(
+    bare_lab: Lab, books: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A worker that exits at once writes nothing, so the runner writes every
+    # report itself after the last drill.
+    monkeypatch.setattr(ReportWorker, "command", ["false"])
+    run = run_drills(
+        bare_lab.root,
+        tmp_path / "reports",
+        names=["ok", "raises"],
+        notebooks_folder=books,
+    )
+
+    outcomes = {d.name: d.outcome for d in run.drills}
+    assert outcomes == {"ok": "passed", "raises": "failed"}
+    for name in ("ok", "raises"):
+        assert "Drill evidence" in (run.folder / f"{name}.html").read_text(), name
     assert verify_run_folder(run.folder).files_checked == 5
 
 

@@ -44,6 +44,8 @@ class ReportWorker:
     reports the worker wrote, and `finish_run` writes the others itself.
     """
 
+    command = [sys.executable, "-m", "trekeys.report_worker"]
+
     def __init__(self, lab: Lab, folder: Path) -> None:
         self._lab_root = str(lab.root)
         self._folder = str(folder)
@@ -52,7 +54,7 @@ class ReportWorker:
         # A plain child process rather than multiprocessing, whose spawn start
         # method would import the caller's main script again in the child.
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "trekeys.report_worker"],
+            self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
