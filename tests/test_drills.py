@@ -21,6 +21,7 @@ from trekeys.drills import (
 )
 from trekeys.errors import DrillError, IntegrityError, LabError
 from trekeys.lab import Lab
+from trekeys.report_worker import ReportWorker
 from trekeys.signing import SIGNING_KEY_ID, ensure_signing_key, verify_run_folder
 
 
@@ -243,6 +244,70 @@ def test_failing_cell_fails_drill_and_stays_visible(
     assert "step 2 broke" in run.drills[1].error
     assert error_cells(run.folder / "raises.ipynb")
     assert "step 2 broke" in (run.folder / "raises.html").read_text()
+
+
+def test_html_of_each_drill_has_evidence_cell(
+    bare_lab: Lab, books: Path, tmp_path: Path
+):
+    # The HTML is rendered in a background process while the next drill runs,
+    # so it must still include the evidence cell, also for a failed drill.
+    run = run_drills(
+        bare_lab.root,
+        tmp_path / "reports",
+        names=["ok", "raises"],
+        notebooks_folder=books,
+    )
+
+    for name in ("ok", "raises"):
+        html = (run.folder / f"{name}.html").read_text()
+        assert "Drill evidence" in html, name
+        assert "vault KDF" in html, name
+        assert run.folder.name in html, name
+    assert "failed: RuntimeError" in (run.folder / "raises.html").read_text()
+    assert verify_run_folder(run.folder).files_checked == 5
+
+
+def test_reports_written_without_worker(
+    bare_lab: Lab, books: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A worker that exits at once writes nothing, so the runner writes every
+    # report itself after the last drill.
+    monkeypatch.setattr(ReportWorker, "command", ["false"])
+    run = run_drills(
+        bare_lab.root,
+        tmp_path / "reports",
+        names=["ok", "raises"],
+        notebooks_folder=books,
+    )
+
+    outcomes = {d.name: d.outcome for d in run.drills}
+    assert outcomes == {"ok": "passed", "raises": "failed"}
+    for name in ("ok", "raises"):
+        assert "Drill evidence" in (run.folder / f"{name}.html").read_text(), name
+    assert verify_run_folder(run.folder).files_checked == 5
+
+
+def test_evidence_lists_keys_drill_touched(bare_lab: Lab, tmp_path: Path):
+    with bare_lab.open_vault() as vault:
+        ensure_signing_key(vault)
+        fingerprint = vault.get(SIGNING_KEY_ID).fingerprint
+    books = tmp_path / "books"
+    write_notebook(
+        books,
+        "10-touch",
+        "from trekeys.lab import Lab\n"
+        "with Lab.load(lab_dir).open_vault() as vault:\n"
+        f"    material = vault.read_secret('{SIGNING_KEY_ID}', 'test')",
+    )
+    run = run_drills(bare_lab.root, tmp_path / "reports", notebooks_folder=books)
+
+    assert run.passed
+    touched = read_summary(run.folder)["drills"][0]["keys_touched"]
+    assert [key["key"] for key in touched] == [SIGNING_KEY_ID]
+    assert touched[0]["fingerprint"] == fingerprint
+    html = (run.folder / "touch.html").read_text()
+    assert SIGNING_KEY_ID in html
+    assert fingerprint in html
 
 
 def test_whole_notebook_timeout(bare_lab: Lab, books: Path, tmp_path: Path):

@@ -2,9 +2,10 @@
 
 `run_drills` checks every input before anything runs (the lab, the drill
 names, the parameters against each notebook's ``parameters`` cell, the report
-folder), executes each notebook in a new dated run folder, and hands the run
-to `trekeys.reports`, which writes the summary, the HTML renderings, the
-secret scan, the signed manifest and the index.
+folder) and executes each notebook in a new dated run folder. While a drill
+runs, `trekeys.report_worker` writes the evidence cell and HTML of the drill
+before it. The run then goes to `trekeys.reports`, which writes the summary,
+the secret scan, the signed manifest and the index.
 
 A drill passes only when papermill raised nothing, the executed notebook
 holds no error output and every check it recorded passed. A drill that runs
@@ -40,12 +41,14 @@ from trekeys.kernels import (
 )
 from trekeys.lab import Lab
 from trekeys.records import utcnow
+from trekeys.report_worker import ReportWorker
 from trekeys.runbook import CHECKS_FILE_ENV, PROOFS_FILE_ENV
 from trekeys.vault import audit_log_path
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 900
+_ENGINE_NAME = "trekeys-nbclient"
 _NOTEBOOK_NAME = re.compile(r"^(\d+)-([a-z0-9-]+)\.ipynb$")
 
 # Outcomes of one drill, as written to summary.json and the index.
@@ -306,34 +309,36 @@ def run_drills(
 
     run = RunResult(folder, [], started=utcnow().isoformat())
     plan = list(chosen.items())
-    warm_up = reports.start_html_warm_up()
     starter = KernelStarter()
-    try:
-        starter.start_next(drill_environment(folder, plan[0][0]), folder)
-        for number, (name, path) in enumerate(plan):
-            if on_start is not None:
-                on_start(name)
-            kernel = starter.take()
-            if number + 1 < len(plan):
-                # The next drill's kernel boots while this drill runs.
-                next_name = plan[number + 1][0]
-                starter.start_next(drill_environment(folder, next_name), folder)
-            params = {**per_drill[name], "lab_dir": str(lab.root)}
-            try:
-                result = run_notebook(
-                    name, path, folder, params, timeout, lab=lab, kernel=kernel
-                )
-            finally:
-                starter.shutdown(kernel)
-            result.runbook = pins[name].to_dict()
-            run.drills.append(result)
-            if on_finish is not None:
-                on_finish(result)
-    finally:
-        starter.close()
+    with ReportWorker(lab, folder) as worker:
+        try:
+            starter.start_next(drill_environment(folder, plan[0][0]), folder)
+            for number, (name, path) in enumerate(plan):
+                if on_start is not None:
+                    on_start(name)
+                kernel = starter.take()
+                if number + 1 < len(plan):
+                    # The next drill's kernel boots while this drill runs.
+                    next_name = plan[number + 1][0]
+                    starter.start_next(drill_environment(folder, next_name), folder)
+                params = {**per_drill[name], "lab_dir": str(lab.root)}
+                try:
+                    result = run_notebook(
+                        name, path, folder, params, timeout, lab=lab, kernel=kernel
+                    )
+                finally:
+                    starter.shutdown(kernel)
+                result.runbook = pins[name].to_dict()
+                run.drills.append(result)
+                # Its report is written while the next drill runs.
+                worker.submit(result)
+                if on_finish is not None:
+                    on_finish(result)
+        finally:
+            starter.close()
+        written = worker.wait()
 
-    warm_up.join()
-    reports.finish_run(run, lab, Path(out_root))
+    reports.finish_run(run, lab, Path(out_root), written=written)
     return run
 
 
@@ -398,6 +403,40 @@ def run_notebook(
     return result
 
 
+def _register_engine() -> str:
+    """Register papermill's nbclient engine with fewer saves, and return its name.
+
+    papermill 2.7 writes and validates the whole output notebook before and
+    after every cell, about 700 writes for the drill suite. This engine
+    writes it at most every ``autosave_cell_every`` seconds (30 by default)
+    during the run and, as before, once when the run ends or stops, so a
+    timed-out or crashed drill still leaves its executed notebook.
+    """
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class SparseSaveEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(
+            cls, nb_man: Any, kernel_name: str, **kwargs: Any
+        ) -> Any:
+            save = nb_man.save
+
+            def save_when_due(**save_kwargs: Any) -> None:
+                elapsed = (nb_man.now() - nb_man.last_save_time).total_seconds()
+                if elapsed >= nb_man.autosave_cell_every:
+                    save(**save_kwargs)
+
+            # Engine.execute_notebook saves once more after this returns.
+            nb_man.save = save_when_due
+            try:
+                return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+            finally:
+                nb_man.save = save
+
+    papermill_engines.register(_ENGINE_NAME, SparseSaveEngine)
+    return _ENGINE_NAME
+
+
 def _execute(
     path: Path, output: Path, parameters: dict[str, Any], timeout: float, kernel: Any
 ) -> tuple[str, str]:
@@ -426,6 +465,7 @@ def _execute(
             progress_bar=False,
             cwd=str(output.parent),
             kernel_manager_class=manager_class_for(kernel),
+            engine_name=_register_engine(),
         )
     except PapermillExecutionError as exc:
         return FAILED, f"{exc.ename}: {_last_line(exc.evalue)}"

@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class KernelStarter:
         manager = AsyncKernelManager(
             kernel_name=KERNEL_NAME, transport="ipc", ip=os.path.join(sockets, "k")
         )
+        manager.client_factory = ReadyKernelClient
         self._pending, self._error = manager, None
 
         def start() -> None:
@@ -140,6 +144,40 @@ async def _start_and_preload(
         )
     finally:
         client.stop_channels()
+
+
+class ReadyKernelClient(AsyncKernelClient):
+    """A kernel client whose readiness check ends as soon as both channels work.
+
+    jupyter_client 8 ends ``wait_for_ready`` with a fixed 0.2 s pause to drain
+    the IOPub channel, which nbclient pays once per drill. This check instead
+    sends ``kernel_info`` requests until the kernel's idle status for one of
+    them arrives on IOPub, which also proves that IOPub is subscribed.
+    nbclient skips the leftover replies, whose parents are not its requests.
+    """
+
+    async def wait_for_ready(self, timeout: float | None = None) -> None:
+        limit = STARTUP_TIMEOUT_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        requests: set[str] = set()
+        while time.monotonic() < deadline:
+            requests.add(self.kernel_info())
+            if await self._idle_status_arrives(requests, wait=0.1):
+                return
+            if not await self.is_alive():
+                raise RuntimeError("the kernel died before it was ready")
+        raise RuntimeError(f"the kernel was not ready within {limit:g} s")
+
+    async def _idle_status_arrives(self, requests: set[str], wait: float) -> bool:
+        while True:
+            try:
+                message = await self.iopub_channel.get_msg(timeout=wait)
+            except queue.Empty:
+                return False
+            parent = message.get("parent_header", {}).get("msg_id")
+            state = message.get("content", {}).get("execution_state")
+            if parent in requests and state == "idle":
+                return True
 
 
 def manager_class_for(manager: AsyncKernelManager) -> type[AsyncKernelManager]:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Collection
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -51,8 +52,15 @@ RUNNER_ACTOR = "trekeys drill runner"
 build_lab = signing.build_lab
 
 
-def finish_run(run: RunResult, lab: Lab, out_root: Path) -> None:
-    """Write the evidence, scan for secrets, sign the manifest and update the index."""
+def finish_run(
+    run: RunResult, lab: Lab, out_root: Path, *, written: Collection[str] = ()
+) -> None:
+    """Write the evidence, scan for secrets, sign the manifest and update the index.
+
+    Args:
+        written: drills whose evidence cell and HTML are already written (see
+            `trekeys.report_worker`); their keys_touched are already set too.
+    """
     try:
         vault = runbook.open_vault(lab, role="TRE System Administrators")
     except TrekeysError as exc:
@@ -63,14 +71,14 @@ def finish_run(run: RunResult, lab: Lab, out_root: Path) -> None:
         vault = None
 
     if vault is None:
-        _write_reports(run, lab, None)
+        _write_reports(run, lab, None, written)
         write_summary(run)
         write_index(out_root)
         return
 
     vault.actor = Actor("TRE System Administrators", RUNNER_ACTOR)
     with vault:
-        _write_reports(run, lab, vault)
+        _write_reports(run, lab, vault, written)
         write_summary(run)
         secrets = _scan_for_secrets(run, lab, vault)
         _record_recovery_proofs(run, vault)
@@ -80,10 +88,14 @@ def finish_run(run: RunResult, lab: Lab, out_root: Path) -> None:
     write_index(out_root)
 
 
-def _write_reports(run: RunResult, lab: Lab, vault: Any) -> None:
+def _write_reports(
+    run: RunResult, lab: Lab, vault: Any, written: Collection[str]
+) -> None:
     run.evidence = runbook.evidence_header(lab, vault)
     run.evidence["run folder"] = run.folder.name
     for result in run.drills:
+        if result.name in written:
+            continue
         if vault is not None and result.audit_range:
             first, last = result.audit_range
             result.keys_touched = runbook.keys_touched(vault, first, last)
@@ -223,6 +235,11 @@ def _withhold_leaking_files(run: RunResult, secrets: list[secretscan.Secret]) ->
     The run has already failed and names each finding; the files themselves
     must not keep the material, so they are withheld before signing.
     """
+    if run.secret_scan.get("passed"):
+        # The full scan found nothing, and only summary.json was written since.
+        summary = run.folder / SUMMARY
+        if not secretscan.scan_file(summary, secrets, run.folder):
+            return
     for _ in range(2):
         findings = secretscan.scan_folder(run.folder, secrets)
         if not findings:
