@@ -433,7 +433,7 @@ def test_secret_parameter_rejected_before_running(
     words = read_share_file(bare_lab.share_files()[0])
     out = tmp_path / "reports"
 
-    with pytest.raises(DrillError, match="parameter label of drill ok holds key"):
+    with pytest.raises(DrillError, match="parameter label of drill ok contains key"):
         run_drills(
             bare_lab.root,
             out,

@@ -142,8 +142,8 @@ def discover_notebooks(folder: Path | None = None) -> dict[str, Path]:
 def changes_keys(path: Path) -> bool:
     """Return whether a runbook creates, rotates or destroys keys.
 
-    Each runbook says so in its notebook metadata (``trekeys.changes_keys``);
-    one that does not say is treated as changing keys.
+    Each runbook declares it in its notebook metadata (``trekeys.changes_keys``).
+    A runbook without the declaration is treated as changing keys.
     """
     metadata = nbformat.read(path, as_version=4).metadata
     return bool(metadata.get("trekeys", {}).get("changes_keys", True))
@@ -230,7 +230,7 @@ def new_run_folder(out_root: Path) -> Path:
 def reject_secret_parameters(
     lab: Lab, per_drill: Mapping[str, Mapping[str, Any]]
 ) -> None:
-    """Raise before anything runs when a parameter value holds key material.
+    """Raise before anything runs when a parameter value contains key material.
 
     papermill writes parameters into the executed notebook, so a secret given
     as a parameter would end up in the report.
@@ -252,7 +252,7 @@ def reject_secret_parameters(
     for (drill, name), value in values.items():
         if secretscan.secrets_in_text(value, secrets):
             raise DrillError(
-                f"parameter {name} of drill {drill} holds key material; pass "
+                f"parameter {name} of drill {drill} contains key material; pass "
                 "secrets in a file or an environment variable and give its name "
                 "as the parameter."
             )
