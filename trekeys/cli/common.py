@@ -29,6 +29,13 @@ share_option = click.option(
     "in TREKEYS_SHARE_FILES or the lab's custodian folder are used.",
 )
 
+rotation_reason_option = click.option(
+    "--reason", required=True, help="Why the key is replaced (audited)."
+)
+compromised_option = click.option(
+    "--compromised", is_flag=True, help="Mark the old key compromised, not deactivated."
+)
+
 
 def open_lab_vault(lab_dir: Path, share_files: tuple[Path, ...]) -> tuple[Lab, Vault]:
     """Load the lab and open its vault with the given shares."""

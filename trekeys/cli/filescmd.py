@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from trekeys import escrow, files
-from trekeys.cli.common import lab_option, open_lab_vault, share_option
+from trekeys.cli.common import (
+    compromised_option,
+    lab_option,
+    open_lab_vault,
+    rotation_reason_option,
+    share_option,
+)
 from trekeys.passphrases import check_passphrase_strength
 from trekeys.runbook import read_secret_input
 
@@ -120,10 +126,8 @@ def show(lab_dir, share_files, user) -> None:
 @lab_option
 @share_option
 @click.argument("key_id")
-@click.option("--reason", required=True, help="Why the key is replaced (audited).")
-@click.option(
-    "--compromised", is_flag=True, help="Mark the old key compromised, not deactivated."
-)
+@rotation_reason_option
+@compromised_option
 def rotate(lab_dir, share_files, key_id, reason, compromised) -> None:
     """Replace the escrow key or passphrase KEY_ID and re-encrypt its files."""
     lab, vault = open_lab_vault(lab_dir, share_files)

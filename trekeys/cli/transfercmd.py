@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from trekeys import transfer
-from trekeys.cli.common import lab_option, open_lab_vault, share_option
+from trekeys.cli.common import (
+    compromised_option,
+    lab_option,
+    open_lab_vault,
+    rotation_reason_option,
+    share_option,
+)
 
 
 def register(main: click.Group) -> None:
@@ -70,10 +76,8 @@ def verify(lab_dir, share_files, manifest_path, folder) -> None:
 @lab_option
 @share_option
 @click.argument("key_id")
-@click.option("--reason", required=True, help="Why the key is replaced (audited).")
-@click.option(
-    "--compromised", is_flag=True, help="Mark the old key compromised, not deactivated."
-)
+@rotation_reason_option
+@compromised_option
 def rotate(lab_dir, share_files, key_id, reason, compromised) -> None:
     """Give the channel of KEY_ID a new MAC key; the old one only verifies."""
     lab, vault = open_lab_vault(lab_dir, share_files)

@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from trekeys import wrap
-from trekeys.cli.common import lab_option, open_lab_vault, share_option
+from trekeys.cli.common import (
+    compromised_option,
+    lab_option,
+    open_lab_vault,
+    rotation_reason_option,
+    share_option,
+)
 
 
 def register(main: click.Group) -> None:
@@ -107,10 +113,8 @@ def export_key(lab_dir, share_files, user, output) -> None:
 @lab_option
 @share_option
 @click.argument("key_id")
-@click.option("--reason", required=True, help="Why the key is replaced (audited).")
-@click.option(
-    "--compromised", is_flag=True, help="Mark the old key compromised, not deactivated."
-)
+@rotation_reason_option
+@compromised_option
 def rotate(lab_dir, share_files, key_id, reason, compromised) -> None:
     """Replace the wrapping key KEY_ID and send its keys again under the new one."""
     lab, vault = open_lab_vault(lab_dir, share_files)
