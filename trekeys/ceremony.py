@@ -127,12 +127,12 @@ class Ceremony:
 
         Raises:
             TranscriptError: the transcript is damaged or already sealed.
-            CeremonyError: the folder holds no ceremony.
+            CeremonyError: the folder contains no ceremony.
         """
         path = Path(folder) / TRANSCRIPT_NAME
         if not path.is_file():
             raise CeremonyError(
-                f"{folder} holds no ceremony transcript; start one with "
+                f"{folder} contains no ceremony transcript; start one with "
                 "'trekeys ceremony start'."
             )
         journal = load_journal(path)

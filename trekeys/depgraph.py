@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "key:"
 EVERY_KEY = "key:*"
 
-# What each data reference is, for the "where it lives" column of an impact.
+# Descriptions of data references, for the "where it lives" column of an impact.
 _DATA_DESCRIPTIONS = {
     "volume": "LUKS volume of project instance {name}",
     "files": "files that user {name} encrypted with their file key",
@@ -106,7 +106,7 @@ class BackupExposure:
 
 @dataclass
 class Impact:
-    """What the compromise of one or more keys exposes."""
+    """The exposure caused by the compromise of one or more keys."""
 
     leaked: tuple[str, ...]
     keys: list[CompromisedKey] = field(default_factory=list)

@@ -78,7 +78,7 @@ def create_scratch_key(vault: Vault, key_id: str | None = None) -> KeyRecord:
 
 
 def has_material(vault: Vault, key_id: str) -> bool:
-    """Return whether the vault still holds material for `key_id` (read, not shown)."""
+    """Return whether the vault still stores material for `key_id` (read, not shown)."""
     try:
         vault.read_secret(key_id, "destruction drill: check the material is present")
     except RecordError:

@@ -8,7 +8,7 @@ before it. The run then goes to `trekeys.reports`, which writes the summary,
 the secret scan, the signed manifest and the index.
 
 A drill passes only when papermill raised nothing, the executed notebook
-holds no error output and every check it recorded passed. A drill that runs
+contains no error output and every check it recorded passed. A drill that runs
 longer than its timeout, in total and not only per cell, is stopped by
 killing its kernel and reported as "timed out"; a kernel that dies on its own
 is reported as "kernel died". In both cases the cell that was running gets

@@ -26,7 +26,7 @@ and the next step. Messages about credentials never say which part was wrong.
     │   ├── RecipientMismatchError  a backup is encrypted to other keys
     │   └── TranscriptError       a sealed ceremony transcript fails verification
     ├── VolumeError               a storage volume cannot be used as asked
-    │   ├── NotLuksError          the device holds no LUKS header
+    │   ├── NotLuksError          the device has no LUKS header
     │   └── UnsupportedVolumeError  LUKS1, or a layout trekeys cannot recover
     ├── CertificateError          a certificate, its key or its CA cannot be used
     │   ├── CertificateKeyMismatchError  the private key is not the certificate's
@@ -203,7 +203,7 @@ class VolumeError(TrekeysError):
 
 
 class NotLuksError(VolumeError):
-    """The device or file holds no LUKS header."""
+    """The device or file has no LUKS header."""
 
 
 class UnsupportedVolumeError(VolumeError):

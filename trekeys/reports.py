@@ -342,8 +342,8 @@ def prune_runs(
     The newest run in which a drill passed is always kept, for every drill, so
     that the last proof of each procedure survives any number of failed runs.
     Runs younger than the retention period (7 years by default, see
-    `trekeys.retention`) are kept as evidence whatever `keep` says. Only folders
-    named like run folders are touched.
+    `trekeys.retention`) are kept as evidence, whatever the value of `keep`.
+    Only folders named like run folders are touched.
 
     Returns:
         The run folders removed (or that would be, with `dry_run`).

@@ -1,9 +1,10 @@
 """Helpers that runbook notebooks call: credentials, checks and evidence.
 
 A notebook never handles key material. It opens the vault through
-`open_vault`, which reads the custodians' shares from files (headless runs) or
-from a prompt that does not echo (interactive runs), and records each outcome
-with `Checklist.check`, which stops the run with a clear message on failure.
+`open_vault`, which reads the custodians' shares from files in headless runs
+and from a prompt that does not echo in interactive runs. It records each
+outcome with `Checklist.check`, which stops the run with a clear message on
+failure.
 """
 
 from __future__ import annotations

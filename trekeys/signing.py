@@ -4,10 +4,9 @@ After a run, every file of the run folder is hashed (SHA-256) into
 ``manifest.json``, and the exact bytes of that file are signed with the
 report-signing key ``tre/report-signing`` (Ed25519) from the vault. The
 signature goes to ``manifest.json.sig`` in base64. The manifest carries the
-public key and its fingerprint, so a report can be verified offline; an
-auditor compares the fingerprint with the one in the key inventory (or passes
-``--fingerprint``), because anyone could sign a manifest with a key of their
-own.
+public key and its fingerprint. Anyone could sign a manifest with a key of their
+own, so verification also needs a trusted fingerprint: the one of the signing
+key that lists the run in the vault, or one an auditor copied earlier.
 """
 
 from __future__ import annotations

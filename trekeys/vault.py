@@ -647,7 +647,7 @@ class Vault:
 
         Generations saved under the old key would still open with the old
         credentials, so they are removed once the re-keyed file has been read
-        back; the re-keyed file becomes the first generation of the new key.
+        back. The re-keyed file becomes the first generation of the new key.
 
         Raises:
             CredentialError: the new key file is missing.
