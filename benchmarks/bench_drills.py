@@ -49,9 +49,15 @@ def measure(quick: bool) -> list[Ratio]:
     with tempfile.TemporaryDirectory(prefix="trekeys-bench-") as scratch:
         lab = create_lab(Path(scratch) / "lab")
 
+        # The runner starts each kernel in its report folder; the direct runs
+        # get a scratch folder too, so files a runbook writes to its working
+        # folder (inventories, charts, ceremony transcripts) stay out of cwd.
+        workdir = Path(scratch) / "direct"
+        workdir.mkdir()
         started = time.perf_counter()
-        for name in names:
-            run_directly(notebooks[name], lab.root)
+        with contextlib.chdir(workdir):
+            for name in names:
+                run_directly(notebooks[name], lab.root)
         direct = time.perf_counter() - started
 
         started = time.perf_counter()
