@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ class Secret:
 
     label: str
     needles: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def compact_needles(self) -> dict[str, bytes]:
+        """The needles without whitespace, to match against a file's compact text."""
+        return {form: _WHITESPACE.sub(b"", n) for form, n in self.needles.items()}
 
 
 @dataclass
@@ -144,7 +150,7 @@ def scan_file(path: Path, secrets: list[Secret], root: Path) -> list[Finding]:
         (secret, form, needle)
         for secret in secrets
         for form, needle in secret.needles.items()
-        if needle in data or _WHITESPACE.sub(b"", needle) in compact
+        if needle in data or secret.compact_needles[form] in compact
     ]
 
     findings = []
