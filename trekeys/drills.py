@@ -33,6 +33,7 @@ from trekeys import approvals, runbook, secretscan
 from trekeys.audit import AuditLog
 from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
+from trekeys.kernel_imports import runbook_imports
 from trekeys.kernels import (
     KERNEL_NAME,
     KernelStarter,
@@ -296,50 +297,85 @@ def run_drills(
     """
     from trekeys import reports
 
-    lab = Lab.load(lab_dir)
-    chosen = select_notebooks(names, notebooks_folder, safe_only=safe_only)
-    per_drill = parameters_for_drills(chosen, dict(parameters or {}))
-    pins = approvals.pin_runbooks(chosen)
-    if require_approved:
-        approvals.require_approved(pins)
-    if timeout <= 0:
-        raise DrillError(f"timeout {timeout} is invalid; give a positive number.")
-    reject_secret_parameters(lab, per_drill)
-    folder = new_run_folder(Path(out_root).absolute())
-
-    run = RunResult(folder, [], started=utcnow().isoformat())
-    plan = list(chosen.items())
+    # The kernel fork server starts first, so that its imports overlap the checks.
     starter = KernelStarter()
-    with ReportWorker(lab, folder) as worker:
-        try:
-            starter.start_next(drill_environment(folder, plan[0][0]), folder)
-            for number, (name, path) in enumerate(plan):
-                if on_start is not None:
-                    on_start(name)
-                kernel = starter.take()
-                if number + 1 < len(plan):
-                    # The next drill's kernel boots while this drill runs.
-                    next_name = plan[number + 1][0]
-                    starter.start_next(drill_environment(folder, next_name), folder)
-                params = {**per_drill[name], "lab_dir": str(lab.root)}
-                try:
-                    result = run_notebook(
-                        name, path, folder, params, timeout, lab=lab, kernel=kernel
-                    )
-                finally:
-                    starter.shutdown(kernel)
-                result.runbook = pins[name].to_dict()
-                run.drills.append(result)
-                # Its report is written while the next drill runs.
-                worker.submit(result)
-                if on_finish is not None:
-                    on_finish(result)
-        finally:
-            starter.close()
-        written = worker.wait()
+    try:
+        lab = Lab.load(lab_dir)
+        chosen = select_notebooks(names, notebooks_folder, safe_only=safe_only)
+        per_drill = parameters_for_drills(chosen, dict(parameters or {}))
+        pins = approvals.pin_runbooks(chosen)
+        if require_approved:
+            approvals.require_approved(pins)
+        if timeout <= 0:
+            raise DrillError(f"timeout {timeout} is invalid; give a positive number.")
+        reject_secret_parameters(lab, per_drill)
+        folder = new_run_folder(Path(out_root).absolute())
 
-    reports.finish_run(run, lab, Path(out_root), written=written)
+        run = RunResult(folder, [], started=utcnow().isoformat())
+        with ReportWorker(lab, folder) as worker:
+            _run_plan(
+                list(chosen.items()),
+                lab,
+                run,
+                starter,
+                worker,
+                per_drill=per_drill,
+                pins=pins,
+                timeout=timeout,
+                on_start=on_start,
+                on_finish=on_finish,
+            )
+            written = worker.wait()
+        reports.finish_run(run, lab, Path(out_root), written=written)
+    finally:
+        # The last kernels finish stopping while the reports are finished.
+        starter.close()
     return run
+
+
+def _run_plan(
+    plan: list[tuple[str, Path]],
+    lab: Lab,
+    run: RunResult,
+    starter: KernelStarter,
+    worker: ReportWorker,
+    *,
+    per_drill: dict[str, dict[str, Any]],
+    pins: dict[str, approvals.RunbookPin],
+    timeout: float,
+    on_start: Callable[[str], None] | None,
+    on_finish: Callable[[DrillResult], None] | None,
+) -> None:
+    """Run each drill of `plan` on a kernel started during the drill before it."""
+    folder = run.folder
+    first_name, first_path = plan[0]
+    starter.start_next(
+        drill_environment(folder, first_name), folder, runbook_imports(first_path)
+    )
+    for number, (name, path) in enumerate(plan):
+        if on_start is not None:
+            on_start(name)
+        kernel = starter.take()
+        if number + 1 < len(plan):
+            next_name, next_path = plan[number + 1]
+            starter.start_next(
+                drill_environment(folder, next_name), folder, runbook_imports(next_path)
+            )
+
+        params = {**per_drill[name], "lab_dir": str(lab.root)}
+        try:
+            result = run_notebook(
+                name, path, folder, params, timeout, lab=lab, kernel=kernel
+            )
+        finally:
+            starter.shutdown(kernel)
+        result.runbook = pins[name].to_dict()
+        run.drills.append(result)
+
+        # Its report is written while the next drill runs.
+        worker.submit(result)
+        if on_finish is not None:
+            on_finish(result)
 
 
 def drill_environment(folder: Path, name: str) -> dict[str, str]:
@@ -378,7 +414,7 @@ def run_notebook(
     started = time.monotonic()
     own_starter = KernelStarter() if kernel is None else None
     if own_starter is not None:
-        own_starter.start_next(environment, folder)
+        own_starter.start_next(environment, folder, runbook_imports(path))
         kernel = own_starter.take()
     try:
         result.outcome, result.error = _execute(

@@ -4,14 +4,22 @@ Starting a Python kernel takes most of the runner's fixed cost per notebook
 (about 1.7 s of a 2 s run of an empty notebook on a 2-core host). A
 `KernelStarter` launches the next drill's kernel in a background thread, so
 that it boots while the current drill runs, and papermill then uses the kernel
-it is given. The starter also imports trekeys into the new kernel. Each drill
-still gets a fresh kernel of its own, started with the drill's own environment
-and working folder, and shut down after it.
+it is given. The starter also imports into the new kernel the modules its
+runbook imports. Each drill still gets a fresh kernel of its own, started with
+the drill's own environment and working folder.
+
+Stopping a kernel is moved off the drill's path as well: when nbclient stops
+the kernel at the end of a drill, `DrillKernelManager` only sends the shutdown
+request, and the starter waits for the process to exit in the background.
+That wait can be long: ipykernel 7.4 sometimes hangs at exit, when its
+control thread flushes output after the I/O thread has stopped, until
+jupyter_client sends SIGTERM after half of ``shutdown_wait_time``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -20,27 +28,38 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
+from trekeys.kernel_forkserver import ForkedKernelProvisioner, KernelForkServer
+
 logger = logging.getLogger(__name__)
 
 KERNEL_NAME = "python3"
 STARTUP_TIMEOUT_SECONDS = 60
 
-# Imported into each kernel before its runbook runs.
-PRELOAD = "import trekeys.runbook"
+# Imported into every kernel before its runbook runs.
+PRELOAD_MODULES = ("trekeys.runbook",)
+
+# A drill's kernel exits about 0.1 s after the shutdown request, or hangs (see
+# above); jupyter_client sends SIGTERM after half of this wait.
+SHUTDOWN_WAIT_SECONDS = 2.0
+
+# No drill code is written to the administrator's IPython history database.
+KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:"]
 
 
 class KernelStarter:
-    """Starts kernels one ahead, on an event loop of its own.
+    """Starts kernels one ahead and stops them behind, on an event loop of its own.
 
-    The loop runs only in one thread at a time: the background thread while
-    it starts a kernel, and the caller's thread while it shuts one down.
+    The loop runs in a background thread for the starter's whole life, so
+    that a kernel can start while the caller runs a drill, and a kernel that
+    is slow to stop delays neither the next drill nor the next start.
     """
 
     def __init__(self) -> None:
@@ -51,99 +70,174 @@ class KernelStarter:
         self._socket_dir = tempfile.mkdtemp(prefix="trekeys-kernels-")
         self._started = 0
         self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
-        self._pending: AsyncKernelManager | None = None
-        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kernel-starter", daemon=True
+        )
+        self._thread.start()
+        self._pending: tuple[DrillKernelManager, Future[None]] | None = None
+        self._stopping: list[tuple[DrillKernelManager, Future[None]]] = []
+        # The server starts now so that its imports overlap the caller's checks.
+        self._server = KernelForkServer.start()
 
-    def start_next(self, env: Mapping[str, str], cwd: Path) -> None:
-        """Begin starting a kernel with `env` and `cwd` in the background."""
-        self._join()
+    def start_next(
+        self,
+        env: Mapping[str, str],
+        cwd: Path,
+        modules: Sequence[str] = PRELOAD_MODULES,
+    ) -> None:
+        """Begin starting a kernel with `env` and `cwd` in the background.
+
+        The new kernel imports `modules` before `take` hands it out. A kernel
+        started earlier and not taken is stopped.
+        """
+        if self._pending is not None:
+            self.shutdown(self._pending[0])
         # A folder per kernel: jupyter_client picks IPC names that do not exist
         # yet, and a kernel just launched may not have created its own.
         self._started += 1
         sockets = os.path.join(self._socket_dir, str(self._started))
         os.mkdir(sockets, 0o700)
-        manager = AsyncKernelManager(
-            kernel_name=KERNEL_NAME, transport="ipc", ip=os.path.join(sockets, "k")
+        manager = DrillKernelManager(
+            kernel_name=KERNEL_NAME,
+            transport="ipc",
+            ip=os.path.join(sockets, "k"),
+            shutdown_wait_time=SHUTDOWN_WAIT_SECONDS,
         )
         manager.client_factory = ReadyKernelClient
-        self._pending, self._error = manager, None
+        if self._server is not None:
+            manager.provisioner = ForkedKernelProvisioner.for_manager(
+                manager, self._server, modules
+            )
 
-        def start() -> None:
-            try:
-                self._loop.run_until_complete(_start_and_preload(manager, env, cwd))
-            except BaseException as exc:  # handed to the caller of take()
-                self._error = exc
+        starting = _start_and_preload(manager, env, cwd, modules)
+        future = asyncio.run_coroutine_threadsafe(starting, self._loop)
+        self._pending = (manager, future)
 
-        self._thread = threading.Thread(target=start, name="kernel-start", daemon=True)
-        self._thread.start()
-
-    def take(self) -> AsyncKernelManager:
+    def take(self) -> DrillKernelManager:
         """Return the kernel started last, waiting until it is launched.
 
         Raises:
             Exception: whatever starting the kernel raised.
         """
-        self._join()
-        manager, self._pending = self._pending, None
-        if self._error is not None or manager is None:
-            error = self._error or RuntimeError("no kernel was started")
-            self._error = None
-            raise error
+        if self._pending is None:
+            raise RuntimeError("no kernel was started")
+        (manager, future), self._pending = self._pending, None
+        try:
+            future.result()
+        except BaseException:
+            self.shutdown(manager)  # stops whatever part of it did start
+            raise
         return manager
 
-    def shutdown(self, manager: AsyncKernelManager) -> None:
-        """Shut a kernel down, killing it when it does not respond."""
-        self._join()
-        if not manager.has_kernel:
-            return  # nbclient shut it down already
-        if not self._loop.run_until_complete(manager.is_alive()):
-            # Killed by the timeout or died: only its files are left to remove.
-            try:
-                self._loop.run_until_complete(manager.cleanup_resources())
-            except Exception as exc:  # the files may be gone already
-                logger.debug("kernel cleanup failed: %s", exc)
-            return
-        try:
-            self._loop.run_until_complete(manager.shutdown_kernel(now=False))
-        except Exception as exc:  # a dead or hung kernel; kill what is left
-            logger.warning("kernel shutdown failed (%s); killing it", exc)
-            kill_kernel(manager)
+    def shutdown(self, manager: DrillKernelManager) -> None:
+        """Finish stopping a kernel in the background; `close` waits for it.
+
+        A kernel that does not stop in time is killed.
+        """
+        future = asyncio.run_coroutine_threadsafe(_finish_stop(manager), self._loop)
+        self._stopping.append((manager, future))
 
     def close(self) -> None:
-        """Shut down a kernel that was started but never taken, and the loop."""
-        self._join()
-        if self._pending is not None and self._error is None:
-            self.shutdown(self._pending)
-        self._pending = None
-        self._loop.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        """Stop every kernel still running, taken or not, and close the loop."""
+        if self._pending is not None:
+            manager, future = self._pending
+            self._pending = None
+            with contextlib.suppress(Exception):
+                future.result()
+            self.shutdown(manager)
+        for _, future in self._stopping:
+            future.result()
+        self._stopping = []
 
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        if self._server is not None:
+            self._server.close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 async def _start_and_preload(
-    manager: AsyncKernelManager, env: Mapping[str, str], cwd: Path
+    manager: AsyncKernelManager,
+    env: Mapping[str, str],
+    cwd: Path,
+    modules: Sequence[str],
 ) -> None:
-    """Start a kernel, wait until it responds, and import trekeys into it.
+    """Start a kernel, wait until it responds, and import `modules` into it.
 
-    Importing trekeys is about half a second of every runbook's first cell, so
-    doing it here moves that time into the background too. The import runs
-    silently, so the runbook's execution counts still start at 1.
+    The imports are up to a second of a runbook's first cells, so doing them
+    here moves that time into the background too. They run silently and bind
+    no name, so the runbook's execution counts still start at 1 and its
+    namespace is empty. A module that fails to import is left for the
+    runbook's own import cell to report.
     """
-    await manager.start_kernel(env=dict(env), cwd=str(cwd))
+    await manager.start_kernel(
+        env=dict(env), cwd=str(cwd), extra_arguments=KERNEL_ARGUMENTS
+    )
     client = manager.client()
     client.start_channels()
     try:
         await client.wait_for_ready(timeout=STARTUP_TIMEOUT_SECONDS)
         await client.execute_interactive(
-            PRELOAD, silent=True, store_history=False, timeout=STARTUP_TIMEOUT_SECONDS
+            _preload_code(modules),
+            silent=True,
+            store_history=False,
+            timeout=STARTUP_TIMEOUT_SECONDS,
         )
     finally:
         client.stop_channels()
+
+
+def _preload_code(modules: Sequence[str]) -> str:
+    # One statement per module and no loop variable, so that no name is bound.
+    return "".join(
+        f"try:\n    __import__({name!r})\nexcept Exception:\n    pass\n"
+        for name in modules
+    )
+
+
+async def _finish_stop(manager: DrillKernelManager) -> None:
+    try:
+        await manager.finish_stop()
+    except Exception as exc:  # a dead or hung kernel; kill what is left
+        logger.warning("kernel shutdown failed (%s); killing it", exc)
+        kill_kernel(manager)
+
+
+class DrillKernelManager(AsyncKernelManager):
+    """A kernel manager whose graceful shutdown finishes later, off the drill's path.
+
+    nbclient stops the kernel at the end of each drill and waits, checking
+    every 0.1 s, until its process has exited: about a quarter of a second a
+    drill. Here that stop only sends the shutdown request and keeps the
+    kernel's files. `finish_stop`, which `KernelStarter` runs in the
+    background, waits for the exit and removes the files. It kills the kernel
+    when ``shutdown_wait_time`` passes.
+    """
+
+    stop_requested = False
+
+    async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:  # type: ignore[override]
+        if now or restart or not self.has_kernel:
+            await super().shutdown_kernel(now=now, restart=restart)
+            return
+        self.stop_requested = True
+        await self.request_shutdown()
+
+    async def cleanup_resources(self, restart: bool = False) -> None:  # type: ignore[override]
+        if not self.stop_requested:
+            await super().cleanup_resources(restart=restart)
+
+    async def finish_stop(self) -> None:
+        """Wait for the kernel to exit, requesting the stop if needed, and clean up."""
+        if self.stop_requested:
+            await self.finish_shutdown()
+        elif self.has_kernel and await self.is_alive():
+            await super().shutdown_kernel(now=False)
+        elif self.has_kernel and self.provisioner is not None:
+            await self.provisioner.wait()  # reaps a kernel that was killed
+        self.stop_requested = False
+        await self.cleanup_resources()
 
 
 class ReadyKernelClient(AsyncKernelClient):
