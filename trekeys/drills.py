@@ -17,6 +17,7 @@ an error output, so that the executed notebook shows where the drill stopped.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -352,6 +353,9 @@ def _run_plan(
     starter.start_next(
         drill_environment(folder, first_name), folder, runbook_imports(first_path)
     )
+    # papermill is imported only to run drills; this thread would otherwise
+    # wait idle while the first kernel starts.
+    importlib.import_module("papermill")
     for number, (name, path) in enumerate(plan):
         if on_start is not None:
             on_start(name)

@@ -4,9 +4,11 @@ Starting a Python kernel takes most of the runner's fixed cost per notebook
 (about 1.7 s of a 2 s run of an empty notebook on a 2-core host). A
 `KernelStarter` launches the next drill's kernel in a background thread, so
 that it boots while the current drill runs, and papermill then uses the kernel
-it is given. The starter also imports into the new kernel the modules its
-runbook imports. Each drill still gets a fresh kernel of its own, started with
-the drill's own environment and working folder.
+it is given. Where it can, the kernel is a fork of a
+`trekeys.kernel_forkserver` process that has already imported the modules the
+runbook imports. Otherwise the starter imports them into the new kernel. Each
+drill still gets a fresh kernel of its own, started with the drill's own
+environment and working folder.
 
 Stopping a kernel is moved off the drill's path as well: when nbclient stops
 the kernel at the end of a drill, `DrillKernelManager` only sends the shutdown
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from trekeys.kernel_forkserver import ForkedKernelProvisioner, KernelForkServer
@@ -76,6 +79,8 @@ class KernelStarter:
         self._thread.start()
         self._pending: tuple[DrillKernelManager, Future[None]] | None = None
         self._stopping: list[tuple[DrillKernelManager, Future[None]]] = []
+        # Shared, because each new one searches the Jupyter paths again.
+        self._spec_manager = KernelSpecManager()
         # The server starts now so that its imports overlap the caller's checks.
         self._server = KernelForkServer.start()
 
@@ -102,14 +107,11 @@ class KernelStarter:
             transport="ipc",
             ip=os.path.join(sockets, "k"),
             shutdown_wait_time=SHUTDOWN_WAIT_SECONDS,
+            kernel_spec_manager=self._spec_manager,
         )
         manager.client_factory = ReadyKernelClient
-        if self._server is not None:
-            manager.provisioner = ForkedKernelProvisioner.for_manager(
-                manager, self._server, modules
-            )
 
-        starting = _start_and_preload(manager, env, cwd, modules)
+        starting = _start_and_preload(manager, env, cwd, modules, self._server)
         future = asyncio.run_coroutine_threadsafe(starting, self._loop)
         self._pending = (manager, future)
 
@@ -162,8 +164,12 @@ async def _start_and_preload(
     env: Mapping[str, str],
     cwd: Path,
     modules: Sequence[str],
+    server: KernelForkServer | None,
 ) -> None:
     """Start a kernel, wait until it responds, and import `modules` into it.
+
+    With a fork server, the kernel is a fork of it, and the server imports
+    `modules` before it forks.
 
     The imports are up to a second of a runbook's first cells, so doing them
     here moves that time into the background too. They run silently and bind
@@ -171,6 +177,10 @@ async def _start_and_preload(
     namespace is empty. A module that fails to import is left for the
     runbook's own import cell to report.
     """
+    if server is not None:
+        manager.provisioner = ForkedKernelProvisioner.for_manager(
+            manager, server, modules
+        )
     await manager.start_kernel(
         env=dict(env), cwd=str(cwd), extra_arguments=KERNEL_ARGUMENTS
     )
