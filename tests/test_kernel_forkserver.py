@@ -65,11 +65,18 @@ def wait_until_stopped(pid: int, limit: float = 10.0) -> bool:
     return False
 
 
+def write_runbook(path: Path, source: str) -> Path:
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    nbformat.write(notebook, path)
+    return path
+
+
 def test_forked_kernel_has_drill_env_and_folder(tmp_path: Path):
+    runbook = write_runbook(tmp_path / "book.ipynb", "from trekeys import tls_chart")
     starter = KernelStarter()
     try:
         env = {**os.environ, "TREKEYS_TEST_MARK": "drill-7"}
-        starter.start_next(env, tmp_path, ["trekeys.runbook"])
+        starter.start_next(env, tmp_path, runbook)
         manager = starter.take()
 
         assert isinstance(manager.provisioner, ForkedKernelProvisioner)
@@ -81,13 +88,17 @@ def test_forked_kernel_has_drill_env_and_folder(tmp_path: Path):
             "print(os.environ['TREKEYS_TEST_MARK'])\n"
             "print(os.getcwd())\n"
             "print(os.getsid(0) == os.getpid())\n"
-            "print('trekeys.runbook' in sys.modules)\n",
+            "print('trekeys.runbook' in sys.modules)\n"
+            "print('matplotlib.figure' in sys.modules)\n"
+            "print('tls_chart' in globals())\n",
         )
-        mark, cwd, own_session, preloaded = printed.split()
+        mark, cwd, own_session, preloaded, nested_import, bound = printed.split()
         assert mark == "drill-7"
         assert Path(cwd) == tmp_path
         assert own_session == "True"
         assert preloaded == "True"
+        assert nested_import == "True"  # tls_chart imports it inside a function
+        assert bound == "False"  # preloading binds no name in the runbook
         starter.shutdown(manager)
     finally:
         starter.close()
@@ -121,6 +132,8 @@ def test_kernel_exits_when_server_dies(tmp_path: Path):
 
         # ipykernel polls its parent once a second.
         assert wait_until_stopped(pid), "kernel outlived its fork server"
+        # The pidfd reports the exit once every thread of the kernel has ended.
+        assert manager.provisioner.process.wait(timeout=10) == 0
         assert manager.provisioner.process.poll() == 0
         starter.shutdown(manager)
     finally:
@@ -215,10 +228,9 @@ def test_forked_process_signals_and_wait():
 
 
 def test_runbook_imports_follow_trekeys_modules(tmp_path: Path):
-    cell = nbformat.v4.new_code_cell("from trekeys import tls_chart\nimport json")
-    notebook = nbformat.v4.new_notebook(cells=[cell])
-    path = tmp_path / "book.ipynb"
-    nbformat.write(notebook, path)
+    path = write_runbook(
+        tmp_path / "book.ipynb", "from trekeys import tls_chart\nimport json"
+    )
 
     modules = runbook_imports(path)
 
@@ -228,3 +240,23 @@ def test_runbook_imports_follow_trekeys_modules(tmp_path: Path):
     assert "matplotlib.figure" in modules
     assert "trekeys.tls_audit" in modules
     assert "trekeys.drills" not in modules
+
+
+def test_runbook_imports_import_nothing(tmp_path: Path):
+    path = write_runbook(tmp_path / "book.ipynb", "from trekeys import tls_audit")
+    # A fresh interpreter, because this one has imported trekeys modules already.
+    script = (
+        "import sys\n"
+        "from trekeys.kernel_imports import runbook_imports\n"
+        "before = set(sys.modules)\n"
+        f"found = runbook_imports({str(path)!r})\n"
+        "print('trekeys.tls_audit' in found)\n"
+        "print(sorted(m for m in set(sys.modules) - before if 'trekeys' in m))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+
+    found, imported = result.stdout.splitlines()
+    assert found == "True"
+    assert imported == "[]"

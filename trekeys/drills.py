@@ -34,7 +34,6 @@ from trekeys import approvals, runbook, secretscan
 from trekeys.audit import AuditLog
 from trekeys.drillparams import parameters_for_drills
 from trekeys.errors import DrillError
-from trekeys.kernel_imports import runbook_imports
 from trekeys.kernels import (
     KERNEL_NAME,
     KernelStarter,
@@ -350,9 +349,7 @@ def _run_plan(
     """Run each drill of `plan` on a kernel started during the drill before it."""
     folder = run.folder
     first_name, first_path = plan[0]
-    starter.start_next(
-        drill_environment(folder, first_name), folder, runbook_imports(first_path)
-    )
+    starter.start_next(drill_environment(folder, first_name), folder, first_path)
     # papermill is imported only to run drills; this thread would otherwise
     # wait idle while the first kernel starts.
     importlib.import_module("papermill")
@@ -362,9 +359,7 @@ def _run_plan(
         kernel = starter.take()
         if number + 1 < len(plan):
             next_name, next_path = plan[number + 1]
-            starter.start_next(
-                drill_environment(folder, next_name), folder, runbook_imports(next_path)
-            )
+            starter.start_next(drill_environment(folder, next_name), folder, next_path)
 
         params = {**per_drill[name], "lab_dir": str(lab.root)}
         try:
@@ -418,7 +413,7 @@ def run_notebook(
     started = time.monotonic()
     own_starter = KernelStarter() if kernel is None else None
     if own_starter is not None:
-        own_starter.start_next(environment, folder, runbook_imports(path))
+        own_starter.start_next(environment, folder, path)
         kernel = own_starter.take()
     try:
         result.outcome, result.error = _execute(
@@ -447,9 +442,9 @@ def _register_engine() -> str:
     """Register papermill's nbclient engine with fewer saves, and return its name.
 
     papermill 2.7 writes and validates the whole output notebook before and
-    after every cell, about 700 writes for the drill suite. This engine
-    writes it at most every ``autosave_cell_every`` seconds (30 by default)
-    during the run and, as before, once when the run ends or stops, so a
+    after every cell, about 700 writes for the drill suite, and twice at the
+    end. This engine writes it at most every ``autosave_cell_every`` seconds
+    (30 by default) during the run and once when the run ends or stops, so a
     timed-out or crashed drill still leaves its executed notebook.
     """
     from papermill.engines import NBClientEngine, papermill_engines
@@ -466,15 +461,25 @@ def _register_engine() -> str:
                 if elapsed >= nb_man.autosave_cell_every:
                     save(**save_kwargs)
 
-            # Engine.execute_notebook saves once more after this returns.
             nb_man.save = save_when_due
             try:
-                return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
-            finally:
+                result = super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+            except BaseException:
+                # The save in Engine.execute_notebook, after this, is then the
+                # only one of the final notebook.
                 nb_man.save = save
+                raise
+            # Without an exception, papermill writes the final notebook itself
+            # (raise_for_execution_errors or write_ipynb), after that save.
+            nb_man.save = _skip_save
+            return result
 
     papermill_engines.register(_ENGINE_NAME, SparseSaveEngine)
     return _ENGINE_NAME
+
+
+def _skip_save(**save_kwargs: Any) -> None:
+    """Stand in for papermill's save of a notebook that papermill writes later."""
 
 
 def _execute(

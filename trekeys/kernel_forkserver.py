@@ -61,8 +61,14 @@ SERVER_MODULES = (
     "IPython.display",
     "sqlite3",
     "tornado.platform.asyncio",
+    "IPython.core.debugger",
+    "IPython.core.logger",
+    "IPython.extensions.storemagic",
+    "psutil",
     # pykeepass imports the cipher mode when it first opens a vault.
     "Cryptodome.Cipher._mode_cbc",
+    # cryptography loads its OpenSSL backend on first use by some x509 calls.
+    "cryptography.hazmat.backends.openssl",
 )
 
 # ipykernel sets this backend when MPLBACKEND is unset, but matplotlib reads

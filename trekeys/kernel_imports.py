@@ -10,9 +10,8 @@ only where they are used.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -59,30 +58,53 @@ def _with_package_imports(modules: Iterable[str]) -> list[str]:
 @cache
 def _module_imports(name: str) -> tuple[str, ...]:
     """Return every name a trekeys module imports, or nothing for a non-module."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return ()
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+    source = _module_source(name)
+    if source is None:
         return ()
     try:
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        tree = ast.parse(source.read_text(encoding="utf-8"))
     except (OSError, SyntaxError) as exc:
         logger.debug("could not read the imports of %s: %s", name, exc)
         return ()
     return tuple(_imported_names(tree, nested=True))
 
 
-def _imported_names(tree: ast.AST, nested: bool = False) -> list[str]:
-    nodes = ast.walk(tree) if nested else iter(getattr(tree, "body", []))
+def _module_source(name: str) -> Path | None:
+    # Found from the package folder, because importlib.util.find_spec would
+    # import the parent packages into this process.
+    base = Path(__file__).parent.joinpath(*name.split(".")[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(tree: ast.Module, nested: bool = False) -> list[str]:
+    statements = _all_statements(tree.body) if nested else iter(tree.body)
     names: list[str] = []
-    for node in nodes:
+    for node in statements:
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.append(node.module)
             names.extend(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def _all_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Yield every statement in `body` and in the blocks nested in it.
+
+    Imports are statements, so expressions are not visited, which makes this
+    several times faster than `ast.walk` on trekeys' modules.
+    """
+    for statement in body:
+        yield statement
+        for block in ("body", "orelse", "finalbody", "handlers", "cases"):
+            for child in getattr(statement, block, ()):
+                if isinstance(child, ast.stmt):
+                    yield from _all_statements([child])
+                else:  # an except handler or a match case, which contain a body
+                    yield from _all_statements(child.body)
 
 
 def _in_package(name: str) -> bool:

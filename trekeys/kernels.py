@@ -39,7 +39,12 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from trekeys.kernel_forkserver import ForkedKernelProvisioner, KernelForkServer
+from trekeys.kernel_forkserver import (
+    ForkedKernelProcess,
+    ForkedKernelProvisioner,
+    KernelForkServer,
+)
+from trekeys.kernel_imports import runbook_imports
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +93,13 @@ class KernelStarter:
         self,
         env: Mapping[str, str],
         cwd: Path,
-        modules: Sequence[str] = PRELOAD_MODULES,
+        runbook: Path | None = None,
     ) -> None:
         """Begin starting a kernel with `env` and `cwd` in the background.
 
-        The new kernel imports `modules` before `take` hands it out. A kernel
-        started earlier and not taken is stopped.
+        The new kernel imports `PRELOAD_MODULES` and the modules `runbook`
+        imports before `take` hands it out. A kernel started earlier and not
+        taken is stopped.
         """
         if self._pending is not None:
             self.shutdown(self._pending[0])
@@ -111,7 +117,7 @@ class KernelStarter:
         )
         manager.client_factory = ReadyKernelClient
 
-        starting = _start_and_preload(manager, env, cwd, modules, self._server)
+        starting = _start_and_preload(manager, env, cwd, runbook, self._server)
         future = asyncio.run_coroutine_threadsafe(starting, self._loop)
         self._pending = (manager, future)
 
@@ -163,20 +169,24 @@ async def _start_and_preload(
     manager: AsyncKernelManager,
     env: Mapping[str, str],
     cwd: Path,
-    modules: Sequence[str],
+    runbook: Path | None,
     server: KernelForkServer | None,
 ) -> None:
-    """Start a kernel, wait until it responds, and import `modules` into it.
+    """Start a kernel, wait until it responds, and import modules into it.
 
-    With a fork server, the kernel is a fork of it, and the server imports
-    `modules` before it forks.
+    The modules are `PRELOAD_MODULES` and those `runbook` imports, which are
+    up to a second of a runbook's first cells, so importing them here moves
+    that time into the background. Reading the sources for them takes up to
+    0.2 s, which is why that happens here too.
 
-    The imports are up to a second of a runbook's first cells, so doing them
-    here moves that time into the background too. They run silently and bind
-    no name, so the runbook's execution counts still start at 1 and its
-    namespace is empty. A module that fails to import is left for the
-    runbook's own import cell to report.
+    A kernel forked from the fork server has them imported already. Any
+    other kernel imports them silently and binds no name, so the runbook's
+    execution counts still start at 1 and its namespace is empty. A module
+    that fails to import is left for the runbook's own import cell to report.
     """
+    modules = list(PRELOAD_MODULES)
+    if runbook is not None:
+        modules.extend(runbook_imports(runbook))
     if server is not None:
         manager.provisioner = ForkedKernelProvisioner.for_manager(
             manager, server, modules
@@ -184,16 +194,20 @@ async def _start_and_preload(
     await manager.start_kernel(
         env=dict(env), cwd=str(cwd), extra_arguments=KERNEL_ARGUMENTS
     )
+    provisioner = manager.provisioner
+    forked = isinstance(getattr(provisioner, "process", None), ForkedKernelProcess)
+
     client = manager.client()
     client.start_channels()
     try:
         await client.wait_for_ready(timeout=STARTUP_TIMEOUT_SECONDS)
-        await client.execute_interactive(
-            _preload_code(modules),
-            silent=True,
-            store_history=False,
-            timeout=STARTUP_TIMEOUT_SECONDS,
-        )
+        if not forked:
+            await client.execute_interactive(
+                _preload_code(modules),
+                silent=True,
+                store_history=False,
+                timeout=STARTUP_TIMEOUT_SECONDS,
+            )
     finally:
         client.stop_channels()
 
