@@ -147,22 +147,25 @@ class KernelStarter:
 
     def close(self) -> None:
         """Stop every kernel still running, taken or not, and close the loop."""
-        if self._pending is not None:
-            manager, future = self._pending
-            self._pending = None
-            with contextlib.suppress(Exception):
+        try:
+            if self._pending is not None:
+                manager, future = self._pending
+                self._pending = None
+                with contextlib.suppress(Exception):
+                    future.result()
+                self.shutdown(manager)
+            for _, future in self._stopping:
                 future.result()
-            self.shutdown(manager)
-        for _, future in self._stopping:
-            future.result()
-        self._stopping = []
-
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-        if self._server is not None:
-            self._server.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._stopping = []
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            try:
+                if self._server is not None:
+                    self._server.close()
+            finally:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 async def _start_and_preload(
