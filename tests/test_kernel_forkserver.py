@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -229,13 +230,13 @@ def test_forked_process_signals_and_wait():
 
 def test_runbook_imports_follow_trekeys_modules(tmp_path: Path):
     path = write_runbook(
-        tmp_path / "book.ipynb", "from trekeys import tls_chart\nimport json"
+        tmp_path / "book.ipynb", "from trekeys import tls_chart\nimport this"
     )
 
     modules = runbook_imports(path)
 
     assert "trekeys.tls_chart" in modules
-    assert "json" in modules
+    assert "this" not in modules  # the runbook's own import happens in its cell
     # tls_chart imports matplotlib inside a function only.
     assert "matplotlib.figure" in modules
     assert "trekeys.tls_audit" in modules
@@ -260,3 +261,92 @@ def test_runbook_imports_import_nothing(tmp_path: Path):
     found, imported = result.stdout.splitlines()
     assert found == "True"
     assert imported == "[]"
+
+
+def test_printing_import_leaves_replies_intact(tmp_path: Path):
+    # Run in the server, a module that prints must not corrupt the reply pipe.
+    (tmp_path / "noisy_module.py").write_text("print('imported, and noisy')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    server = KernelForkServer.start(env=env)
+    assert server is not None
+    try:
+        kernel = server.fork(["--version"], env, str(tmp_path), ["noisy_module"])
+        assert wait_until_stopped(kernel)
+        kernel = server.fork(["--version"], env, str(tmp_path), [])
+        assert wait_until_stopped(kernel)
+    finally:
+        server.close()
+
+
+def test_exiting_import_spares_server(tmp_path: Path):
+    (tmp_path / "exiting_module.py").write_text("raise SystemExit(3)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    server = KernelForkServer.start(env=env)
+    assert server is not None
+    try:
+        kernel = server.fork(["--version"], env, str(tmp_path), ["exiting_module"])
+        assert wait_until_stopped(kernel)
+        assert server._process.poll() is None
+    finally:
+        server.close()
+
+
+def test_runbook_module_not_shared_with_next_drill(tmp_path: Path, monkeypatch):
+    # A runbook's own module clears the umask when imported; the next drill
+    # must not inherit that. The server could import the module too.
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner_mask = os.umask(0o22)
+    os.umask(runner_mask)
+    assert runner_mask != 0
+    (tmp_path / "umask_module.py").write_text("import os\nos.umask(0)\n")
+    first = write_runbook(tmp_path / "first.ipynb", "import umask_module")
+    env = dict(os.environ)
+    starter = KernelStarter()
+    try:
+        starter.start_next(env, tmp_path, first)
+        manager = starter.take()
+        run_code(starter, manager, "import umask_module")
+        starter.shutdown(manager)
+
+        starter.start_next(env, tmp_path)
+        manager = starter.take()
+        printed = run_code(
+            starter,
+            manager,
+            "import os, sys\n"
+            "mask = os.umask(0)\n"
+            "print(oct(mask), 'umask_module' in sys.modules)",
+        )
+        starter.shutdown(manager)
+    finally:
+        starter.close()
+
+    mask, imported = printed.split()
+    assert mask == oct(runner_mask)
+    assert imported == "False"
+
+
+def test_expired_request_forks_nothing(tmp_path: Path):
+    # The runner stops waiting for a reply after a timeout. A request that the
+    # server reaches later must not fork a kernel on the same connection files.
+    server = KernelForkServer.start()
+    assert server is not None
+    request = {
+        "argv": ["--version"],
+        "env": dict(os.environ),
+        "cwd": str(tmp_path),
+        "modules": [],
+        "deadline": time.time() - 1,
+    }
+    try:
+        server._process.stdin.write(json.dumps(request).encode() + b"\n")
+        server._process.stdin.flush()
+        reply = json.loads(server._process.stdout.readline())
+        children = Path(f"/proc/{server._process.pid}/task").glob("*/children")
+        forked = [c.read_text().split() for c in children]
+    finally:
+        server.close()
+
+    assert "expired" in reply["error"]
+    assert "pid" not in reply
+    assert forked == [[]]

@@ -17,8 +17,11 @@ another Python, a server that failed), kernels start the usual way.
 
 The server imports modules with the runner's environment at the time the
 server started, and drill environments add only the evidence file paths,
-which trekeys reads when a check is recorded. A module imported here must not
-start threads, because only the forking thread survives in the child.
+which trekeys reads when a check is recorded. The runner sends only trekeys
+modules and what they import (`trekeys.kernel_imports`), because what an
+import changes in the server reaches every later kernel, and only the
+forking thread survives in a child. numpy's bundled OpenBLAS (numpy 2.4 here)
+starts threads when imported, and restarts them in a forked child.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -89,8 +93,12 @@ class KernelForkServer:
         self._used = False
 
     @classmethod
-    def start(cls) -> KernelForkServer | None:
-        """Start a fork server, or return None where kernels cannot be forked."""
+    def start(cls, env: Mapping[str, str] | None = None) -> KernelForkServer | None:
+        """Start a fork server, or return None where kernels cannot be forked.
+
+        Args:
+            env: the server's environment, this process's by default.
+        """
         if not hasattr(os, "pidfd_open") or not hasattr(os, "fork"):
             return None
 
@@ -99,6 +107,7 @@ class KernelForkServer:
                 [sys.executable, "-m", __name__],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                env=env,
                 # Its own session, so a Ctrl-C at the terminal reaches the
                 # runner only, which then closes the server in order.
                 start_new_session=True,
@@ -143,6 +152,9 @@ class KernelForkServer:
             "env": dict(env),
             "cwd": cwd,
             "modules": list(modules),
+            # A server that reaches the fork after the runner gave up must
+            # not fork: that kernel would bind the same connection files.
+            "deadline": time.time() + REPLY_TIMEOUT_SECONDS,
         }
         stdin, stdout = self._process.stdin, self._process.stdout
         assert stdin is not None and stdout is not None
@@ -162,10 +174,13 @@ class KernelForkServer:
         if not line:
             raise ForkServerError("the fork server exited")
 
-        reply = json.loads(line)
-        if "error" in reply:
-            raise ForkServerError(f"the fork server could not fork: {reply['error']}")
-        return int(reply["pid"])
+        try:
+            reply = json.loads(line)
+            if "error" in reply:
+                raise ForkServerError(f"the fork server did not fork: {reply['error']}")
+            return int(reply["pid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ForkServerError(f"invalid reply from the fork server: {exc}") from exc
 
     def close(self) -> None:
         """Ask the server to exit and wait for it, killing it if it does not."""
@@ -318,6 +333,11 @@ def serve(requests: IO[bytes], replies: IO[bytes]) -> dict[str, Any] | None:
         _reap_exited_kernels()
         request = json.loads(line)
         _import_quietly(request.get("modules", ()))
+        if time.time() > request["deadline"]:
+            _reply(
+                replies, {"error": "the request expired while modules were imported"}
+            )
+            continue
         # Objects moved to the permanent generation are never scanned by the
         # kernels' garbage collections, which would otherwise copy every
         # shared page that contains one.
@@ -328,6 +348,8 @@ def serve(requests: IO[bytes], replies: IO[bytes]) -> dict[str, Any] | None:
             _reply(replies, {"error": str(exc)})
             continue
         if pid == 0:
+            # Closed, so that the runner reads end-of-file when the server exits.
+            replies.close()
             return dict(request)
         _reply(replies, {"pid": pid})
 
@@ -344,11 +366,11 @@ def run_kernel(request: Mapping[str, Any]) -> None:
     # ipykernel exits when this server, its parent, exits.
     os.environ["JPY_PARENT_PID"] = str(os.getppid())
 
-    # The kernel must not write into the reply pipe or read the requests.
+    # The kernel must not read the requests; its standard output is already
+    # the server's standard error.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    os.dup2(2, 1)
 
     sys.argv = ["ipykernel_launcher", *request["argv"]]
     from ipykernel.kernelapp import IPKernelApp
@@ -362,7 +384,7 @@ def _import_quietly(modules: Sequence[str]) -> None:
             continue
         try:
             importlib.import_module(name)
-        except Exception:  # a name that is not a module, or a broken one
+        except (Exception, SystemExit):  # not a module, or a broken one
             logger.debug("fork server did not import %s", name, exc_info=True)
 
 
@@ -390,7 +412,13 @@ def main() -> None:
     if sys.path and sys.path[0] in ("", os.getcwd()):
         del sys.path[0]
 
-    request = serve(sys.stdin.buffer, sys.stdout.buffer)
+    # Replies go to a copy of standard output, and standard output itself
+    # becomes standard error, so that whatever an import prints cannot
+    # corrupt a reply.
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+
+    request = serve(sys.stdin.buffer, replies)
     if request is not None:
         run_kernel(request)
 

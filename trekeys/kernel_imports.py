@@ -1,10 +1,15 @@
-"""The modules a runbook's kernel imports, found by reading the code.
+"""The trekeys modules a runbook's kernel imports, found by reading the code.
 
 Kernels start with these modules imported, so that a drill does not pay for
-its imports while it runs. The list has the modules a runbook's code cells
-import, and, for each trekeys module among them, every module that module
-imports, also inside functions, since trekeys imports some heavy modules
-only where they are used.
+its imports while it runs. The list has the trekeys modules a runbook's code
+cells import and every module that those import, also inside functions,
+since trekeys imports some heavy modules only where they are used.
+
+Other modules a runbook imports are left out: the fork server imports the
+list into one process for every drill of a run, so it holds only modules
+whose import trekeys controls. A runbook's own module could print, start a
+thread or change the process (its umask, sys.path), and the next drills
+would inherit that.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ PACKAGE = "trekeys"
 
 
 def runbook_imports(path: Path) -> list[str]:
-    """Return the modules a runbook imports, with the imports of its trekeys modules.
+    """Return the trekeys modules a runbook imports and the modules they import.
 
     For ``from trekeys import luks`` both ``trekeys`` and ``trekeys.luks``
     are listed, because the name may be a module. Importing a listed name
@@ -39,13 +44,14 @@ def runbook_imports(path: Path) -> list[str]:
             tree = ast.parse(cell.source)
         except SyntaxError:
             continue  # IPython syntax; the runbook's own run reports it
-        found.update(dict.fromkeys(_imported_names(tree)))
+        names = _imported_names(tree)
+        found.update(dict.fromkeys(n for n in names if _in_package(n)))
     return _with_package_imports(found)
 
 
 def _with_package_imports(modules: Iterable[str]) -> list[str]:
     found = dict.fromkeys(modules)
-    pending = [name for name in found if _in_package(name)]
+    pending = list(found)
     while pending:
         for name in _module_imports(pending.pop()):
             if name not in found:
