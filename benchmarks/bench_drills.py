@@ -52,9 +52,10 @@ def measure(quick: bool) -> list[Ratio]:
     with tempfile.TemporaryDirectory(prefix="trekeys-bench-") as scratch:
         lab = create_lab(Path(scratch) / "lab")
 
-        # The runner starts each kernel in its report folder; the direct runs
-        # get a scratch folder too, so files a runbook writes to its working
-        # folder (inventories, charts, ceremony transcripts) stay out of cwd.
+        # The runner starts each kernel in its report folder. The direct runs
+        # get a scratch folder too, so that the files a runbook writes to its
+        # working folder (inventories, charts, ceremony transcripts) stay out
+        # of the current folder.
         workdir = Path(scratch) / "direct"
         workdir.mkdir()
 
