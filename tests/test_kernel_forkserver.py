@@ -350,3 +350,37 @@ def test_expired_request_forks_nothing(tmp_path: Path):
     assert "expired" in reply["error"]
     assert "pid" not in reply
     assert forked == [[]]
+
+
+def kernels_with_mark(mark: str) -> list[int]:
+    """Return the pids of live processes whose environment contains `mark`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not is_running(int(entry.name)):
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"TREKEYS_TEST_MARK={mark}".encode() in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def test_replaced_start_is_stopped(tmp_path: Path):
+    starter = KernelStarter()
+    try:
+        starter.start_next({**os.environ, "TREKEYS_TEST_MARK": "replaced"}, tmp_path)
+        starter.start_next({**os.environ, "TREKEYS_TEST_MARK": "taken"}, tmp_path)
+        manager = starter.take()
+        printed = run_code(
+            starter, manager, "import os\nprint(os.environ['TREKEYS_TEST_MARK'])"
+        )
+        starter.shutdown(manager)
+    finally:
+        starter.close()
+
+    assert printed.strip() == "taken"
+    # Checked at once: a kernel left running would exit only about a second
+    # after the fork server, when ipykernel notices its parent is gone.
+    assert kernels_with_mark("replaced") == []

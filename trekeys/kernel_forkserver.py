@@ -205,8 +205,10 @@ class ForkedKernelProcess:
     """The parts of `subprocess.Popen` that jupyter_client uses, for a forked kernel.
 
     The runner is not the kernel's parent, so it cannot reap the kernel or
-    learn its exit status: an exited kernel polls as 0. The pidfd keeps
-    signals from reaching another process that reuses the pid.
+    learn its exit status: an exited kernel polls as 0. `send_signal` goes
+    through the pidfd, so it cannot reach another process that reuses the
+    pid, but jupyter_client signals the kernel's process group by number
+    first.
     """
 
     stdin = stdout = stderr = None

@@ -101,8 +101,7 @@ class KernelStarter:
         imports before `take` hands it out. A kernel started earlier and not
         taken is stopped.
         """
-        if self._pending is not None:
-            self.shutdown(self._pending[0])
+        self._stop_pending()
         # A folder per kernel: jupyter_client picks IPC names that do not exist
         # yet, and a kernel just launched may not have created its own.
         self._started += 1
@@ -145,15 +144,19 @@ class KernelStarter:
         future = asyncio.run_coroutine_threadsafe(_finish_stop(manager), self._loop)
         self._stopping.append((manager, future))
 
+    def _stop_pending(self) -> None:
+        """Stop the kernel started last and not taken, once its start ends."""
+        if self._pending is None:
+            return
+        (manager, starting), self._pending = self._pending, None
+        stopping = _finish_stop(manager, after=starting)
+        future = asyncio.run_coroutine_threadsafe(stopping, self._loop)
+        self._stopping.append((manager, future))
+
     def close(self) -> None:
         """Stop every kernel still running, taken or not, and close the loop."""
         try:
-            if self._pending is not None:
-                manager, future = self._pending
-                self._pending = None
-                with contextlib.suppress(Exception):
-                    future.result()
-                self.shutdown(manager)
+            self._stop_pending()
             for _, future in self._stopping:
                 future.result()
             self._stopping = []
@@ -223,7 +226,13 @@ def _preload_code(modules: Sequence[str]) -> str:
     )
 
 
-async def _finish_stop(manager: DrillKernelManager) -> None:
+async def _finish_stop(
+    manager: DrillKernelManager, after: Future[None] | None = None
+) -> None:
+    if after is not None:
+        # Stopping a kernel that is still starting would race its start.
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(after)
     try:
         await manager.finish_stop()
     except Exception as exc:  # a dead or hung kernel; kill what is left
